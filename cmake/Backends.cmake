@@ -1,0 +1,37 @@
+# Find the GPU toolchains and build one backend library per toolchain found (or required).
+include(CheckLanguage)
+
+set(ARMS_BUILT_BACKENDS "")
+
+# CUDA: nvcc compiles cpp/ as is.
+if(NOT ALLREDUCE_RMS_CUDA STREQUAL "OFF")
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    include(CudaBackend)
+    list(APPEND ARMS_BUILT_BACKENDS cuda)
+  elseif(ALLREDUCE_RMS_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "ALLREDUCE_RMS_CUDA=ON but no CUDA compiler was found: put nvcc on PATH or set CUDACXX")
+  else()
+    message(STATUS "allreduce_rms: no nvcc found, skipping the CUDA backend")
+  endif()
+endif()
+
+# HIP: cpp/ is hipified into the build tree, then compiled with hip/ first on the include path.
+if(NOT ALLREDUCE_RMS_HIP STREQUAL "OFF")
+  check_language(HIP)
+  if(CMAKE_HIP_COMPILER)
+    include(HipBackend)
+    list(APPEND ARMS_BUILT_BACKENDS hip)
+  elseif(ALLREDUCE_RMS_HIP STREQUAL "ON")
+    message(FATAL_ERROR "ALLREDUCE_RMS_HIP=ON but no HIP compiler was found: install ROCm (hipcc) or set "
+                        "CMAKE_HIP_COMPILER")
+  else()
+    message(STATUS "allreduce_rms: no HIP compiler found, skipping the HIP backend")
+  endif()
+endif()
+
+if(ARMS_BUILT_BACKENDS STREQUAL "")
+  message(STATUS "allreduce_rms: no GPU backend; the package will use its pure-torch fallback only")
+else()
+  message(STATUS "allreduce_rms: building backends: ${ARMS_BUILT_BACKENDS}")
+endif()

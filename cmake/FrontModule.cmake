@@ -1,0 +1,12 @@
+# The nanobind front module: host C++ only. It links neither libtorch nor a GPU runtime, so it
+# builds and imports on any machine; backends are dlopen()ed from beside it at run time.
+find_package(Python 3.9 REQUIRED COMPONENTS Interpreter Development.Module ${SKBUILD_SABI_COMPONENT})
+execute_process(COMMAND "${Python_EXECUTABLE}" -m nanobind --cmake_dir
+                OUTPUT_STRIP_TRAILING_WHITESPACE OUTPUT_VARIABLE nanobind_ROOT)
+find_package(nanobind CONFIG REQUIRED)
+
+nanobind_add_module(_front STABLE_ABI NB_STATIC "${ARMS_CPP_DIR}/module.cpp")
+target_include_directories(_front PRIVATE "${ARMS_CPP_DIR}")
+target_compile_features(_front PRIVATE cxx_std_17)
+target_link_libraries(_front PRIVATE ${CMAKE_DL_LIBS})
+install(TARGETS _front LIBRARY DESTINATION allreduce_rms)

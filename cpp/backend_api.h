@@ -1,0 +1,123 @@
+/* The C ABI between the front module and a backend library (libarms_cuda.so, libarms_hip.so).
+ *
+ * A backend exports exactly one symbol, arms_backend_api(), which returns a pointer to a static
+ * function table. The front module dlopen()s the library on first use, checks abi_version and
+ * struct_size, and calls only through the table, so a wheel can carry both backends and load
+ * neither until a tensor of that device type arrives. Plain C: no C++ types cross the boundary.
+ *
+ * Every function returns 0 on success, or a nonzero ArmsStatus; the message for the most recent
+ * failure on the calling thread is available from last_error().
+ */
+#ifndef ARMS_BACKEND_API_H
+#define ARMS_BACKEND_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ARMS_BACKEND_ABI_VERSION 1
+#define ARMS_BACKEND_SYMBOL "arms_backend_api"
+#define ARMS_MAX_RANKS 8
+#define ARMS_MAX_SEGMENTS 2
+#define ARMS_IPC_HANDLE_BYTES 64
+
+typedef enum ArmsStatus {
+  ARMS_OK = 0,
+  ARMS_INVALID_ARGUMENT = 1, /* the caller's fault: the message names the argument */
+  ARMS_RUNTIME_ERROR = 2,    /* the device runtime refused (out of memory, IPC failure, ...) */
+  ARMS_PEER_TIMEOUT = 3      /* a workspace recorded a peer that never wrote */
+} ArmsStatus;
+
+typedef enum ArmsDType { ARMS_F32 = 0, ARMS_F16 = 1, ARMS_BF16 = 2 } ArmsDType;
+
+/* What one launch does with the per-token statistics of each segment. */
+typedef enum ArmsMode {
+  ARMS_MODE_LOCAL = 0,     /* sum of squares on this rank only, then normalize (plain RMSNorm) */
+  ARMS_MODE_STATS_OUT = 1, /* sum of squares on this rank only, written to stats[T, nseg] */
+  ARMS_MODE_STATS_IN = 2,  /* normalize with the (already all-reduced) sums in stats[T, nseg] */
+  ARMS_MODE_LAMPORT = 3    /* sums exchanged with every peer through the workspace, then normalize */
+} ArmsMode;
+
+typedef enum ArmsOp { ARMS_OP_RMS_NORM = 1, ARMS_OP_QK_NORM = 2 } ArmsOp;
+
+/* One normalized column range of a row-major [T, *] tensor. in and out may alias (in-place). */
+typedef struct ArmsSegment {
+  const void* in;
+  void* out;
+  const void* weight;  /* [width], contiguous, dtype weight_dtype */
+  int64_t in_row_stride;  /* elements between consecutive tokens */
+  int64_t out_row_stride;
+  int32_t width;       /* columns on this rank */
+  int32_t full_width;  /* columns over all ranks: the mean divides by this */
+  int32_t weight_dtype;
+  int32_t reserved;
+} ArmsSegment;
+
+typedef struct ArmsNormArgs {
+  ArmsSegment segment[ARMS_MAX_SEGMENTS];
+  int32_t num_segments; /* 1 (rms_norm) or 2 (qk_norm) */
+  int32_t dtype;        /* ArmsDType of every in/out */
+  int64_t tokens;
+  float eps;
+  int32_t mode;  /* ArmsMode */
+  int32_t op;    /* ArmsOp, for error messages */
+  int32_t device;
+  float* stats;  /* [tokens, num_segments] fp32, for STATS_OUT / STATS_IN */
+  void* stream;  /* cudaStream_t / hipStream_t */
+} ArmsNormArgs;
+
+/* What a workspace records when a peer never wrote within the timeout. */
+typedef struct ArmsFault {
+  int32_t failed;      /* 0: healthy */
+  int32_t op;          /* ArmsOp that timed out */
+  int32_t rank;        /* this rank */
+  int32_t peer;        /* the first peer found missing */
+  uint32_t epoch;      /* which call on this workspace (0-based) */
+  int32_t tokens;
+} ArmsFault;
+
+typedef struct ArmsWorkspaceInfo {
+  uint32_t epoch;          /* completed fused launches */
+  int32_t capacity;        /* tokens per slot */
+  int64_t buffer_bytes;    /* device bytes owned by this rank */
+  int32_t peers_open;      /* peer mappings currently open */
+  int32_t reserved;
+} ArmsWorkspaceInfo;
+
+typedef struct ArmsWorkspace ArmsWorkspace; /* opaque */
+
+typedef struct ArmsBackendApi {
+  uint32_t abi_version; /* ARMS_BACKEND_ABI_VERSION */
+  uint32_t struct_size; /* sizeof(ArmsBackendApi) */
+  const char* name;     /* "cuda" or "hip" */
+  const char* (*last_error)(void);
+  int (*device_count)(int* count);
+  int (*warp_size)(void);
+  /* Local launches (no workspace): LOCAL, STATS_OUT, STATS_IN. */
+  int (*norm)(const ArmsNormArgs* args);
+  /* Workspace lifecycle. capacity: tokens per slot; timeout_ns bounds every spin. */
+  int (*workspace_create)(int device, int rank, int nranks, int capacity, int64_t timeout_ns,
+                          ArmsWorkspace** out);
+  int (*workspace_ipc_handle)(ArmsWorkspace* ws, uint8_t out[ARMS_IPC_HANDLE_BYTES]);
+  /* handles: nranks * ARMS_IPC_HANDLE_BYTES bytes, in rank order (own entry ignored). */
+  int (*workspace_open_peers)(ArmsWorkspace* ws, const uint8_t* handles);
+  /* Functional P2P check: write a token into every peer, wait (bounded) for theirs. */
+  int (*workspace_probe)(ArmsWorkspace* ws, uint32_t nonce, int64_t timeout_ns, int drop_peer_writes,
+                         int* all_arrived);
+  int (*workspace_fault)(ArmsWorkspace* ws, ArmsFault* out); /* host read, no device sync */
+  int (*workspace_info)(ArmsWorkspace* ws, ArmsWorkspaceInfo* out); /* synchronizes the device */
+  int (*workspace_destroy)(ArmsWorkspace* ws);
+  /* Fused launch: LAMPORT mode (or LOCAL when nranks == 1); chunks T above capacity. */
+  int (*fused_norm)(ArmsWorkspace* ws, const ArmsNormArgs* args);
+} ArmsBackendApi;
+
+typedef const ArmsBackendApi* (*ArmsBackendEntry)(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ARMS_BACKEND_API_H */

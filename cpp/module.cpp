@@ -1,0 +1,301 @@
+// The nanobind front module: host C++ only, no libtorch and no GPU runtime linked.
+//
+// It loads backend libraries (libarms_cuda.so, libarms_hip.so) with dlopen on first use and
+// dispatches by DLPack device type (kDLCUDA -> CUDA backend, kDLROCM -> HIP backend). Two kinds
+// of entry points:
+//   * rms_norm(x, weight, out, eps, stream): takes any DLPack tensors (torch, CuPy, JAX, ...)
+//     as nb::ndarray and validates them here;
+//   * launch_local / Workspace.launch: the torch hot path. torch's __dlpack__ costs several
+//     microseconds per tensor, more than this whole op's eager budget, so the Python layer
+//     validates torch tensors itself and passes raw pointers, strides and dtype codes.
+#include <dlfcn.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <array>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backend_api.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+constexpr int kDLCPU = 1;
+constexpr int kDLCUDA = 2;
+constexpr int kDLROCM = 10;
+
+struct BackendSlot {
+  const ArmsBackendApi* api = nullptr;
+  std::string error = "not loaded";
+  bool tried = false;
+};
+
+std::array<BackendSlot, 2> backends;  // [0]: CUDA, [1]: HIP
+
+int slot_for_device_type(int device_type) {
+  if (device_type == kDLCUDA) return 0;
+  if (device_type == kDLROCM) return 1;
+  if (device_type == kDLCPU) throw nb::value_error("CPU tensors have no GPU backend: use the torch fallback");
+  throw nb::value_error(("unsupported DLPack device type " + std::to_string(device_type)).c_str());
+}
+
+// Load the backend library at `path` into the slot for `device_type`; returns "" or the reason.
+std::string load_backend(int device_type, const std::string& path) {
+  BackendSlot& slot = backends[slot_for_device_type(device_type)];
+  if (slot.api) return "";
+  slot.tried = true;
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    const char* why = dlerror();
+    slot.error = why ? why : "dlopen failed";
+    return slot.error;
+  }
+  auto entry = reinterpret_cast<ArmsBackendEntry>(dlsym(lib, ARMS_BACKEND_SYMBOL));
+  if (!entry) {
+    slot.error = std::string(path) + " does not export " + ARMS_BACKEND_SYMBOL;
+    return slot.error;
+  }
+  const ArmsBackendApi* api = entry();
+  if (!api || api->abi_version != ARMS_BACKEND_ABI_VERSION || api->struct_size < sizeof(ArmsBackendApi)) {
+    slot.error = std::string(path) + " has backend ABI version " + (api ? std::to_string(api->abi_version) : "?") +
+                 ", this front module needs " + std::to_string(ARMS_BACKEND_ABI_VERSION);
+    return slot.error;
+  }
+  slot.api = api;
+  slot.error.clear();
+  return "";
+}
+
+const ArmsBackendApi& backend(int device_type) {
+  BackendSlot& slot = backends[slot_for_device_type(device_type)];
+  if (!slot.api)
+    throw std::runtime_error("allreduce_rms: no " + std::string(device_type == kDLCUDA ? "CUDA" : "HIP") +
+                             " backend loaded (" + slot.error + ")");
+  return *slot.api;
+}
+
+// Turn a backend status into the matching Python exception.
+void check(const ArmsBackendApi& api, int status) {
+  if (status == ARMS_OK) return;
+  const std::string message = std::string("allreduce_rms: ") + api.last_error();
+  if (status == ARMS_INVALID_ARGUMENT) throw nb::value_error(message.c_str());
+  if (status == ARMS_PEER_TIMEOUT) {
+    PyErr_SetString(PyExc_TimeoutError, message.c_str());
+    throw nb::python_error();
+  }
+  throw std::runtime_error(message);
+}
+
+ArmsSegment segment(uintptr_t in, uintptr_t out, uintptr_t weight, int weight_dtype, int64_t in_stride,
+                    int64_t out_stride, int width, int full_width) {
+  ArmsSegment s = {};
+  s.in = reinterpret_cast<const void*>(in);
+  s.out = reinterpret_cast<void*>(out);
+  s.weight = reinterpret_cast<const void*>(weight);
+  s.in_row_stride = in_stride;
+  s.out_row_stride = out_stride;
+  s.width = width;
+  s.full_width = full_width;
+  s.weight_dtype = weight_dtype;
+  return s;
+}
+
+// One rank's Lamport workspace, owned by Python (allreduce_rms.Workspace wraps it).
+class NativeWorkspace {
+ public:
+  NativeWorkspace(int device_type, int device, int rank, int nranks, int capacity, int64_t timeout_ns)
+      : api_(&backend(device_type)), device_type_(device_type), device_(device) {
+    check(*api_, api_->workspace_create(device, rank, nranks, capacity, timeout_ns, &ws_));
+  }
+  ~NativeWorkspace() { close(); }
+
+  nb::bytes ipc_handle() {
+    uint8_t handle[ARMS_IPC_HANDLE_BYTES];
+    check(*api_, api_->workspace_ipc_handle(live(), handle));
+    return nb::bytes(reinterpret_cast<const char*>(handle), sizeof(handle));
+  }
+
+  void open_peers(const std::vector<nb::bytes>& handles) {
+    std::vector<uint8_t> all;
+    for (const nb::bytes& h : handles) {
+      if (h.size() != ARMS_IPC_HANDLE_BYTES) throw nb::value_error("IPC handles must be 64 bytes each");
+      const uint8_t* p = static_cast<const uint8_t*>(h.data());
+      all.insert(all.end(), p, p + ARMS_IPC_HANDLE_BYTES);
+    }
+    check(*api_, api_->workspace_open_peers(live(), all.data()));
+  }
+
+  bool probe(uint32_t nonce, int64_t timeout_ns, bool drop_peer_writes) {
+    int arrived = 0;
+    check(*api_, api_->workspace_probe(live(), nonce, timeout_ns, drop_peer_writes ? 1 : 0, &arrived));
+    return arrived != 0;
+  }
+
+  nb::dict fault() {
+    ArmsFault f = {};
+    check(*api_, api_->workspace_fault(live(), &f));
+    nb::dict d;
+    d["failed"] = f.failed != 0;
+    d["op"] = f.op == ARMS_OP_QK_NORM ? "qk_norm" : (f.op == ARMS_OP_RMS_NORM ? "rms_norm" : "");
+    d["rank"] = f.rank;
+    d["peer"] = f.peer;
+    d["call"] = f.epoch;
+    d["tokens"] = f.tokens;
+    return d;
+  }
+
+  nb::dict info() {
+    ArmsWorkspaceInfo i = {};
+    check(*api_, api_->workspace_info(live(), &i));
+    nb::dict d;
+    d["calls"] = i.epoch;
+    d["capacity"] = i.capacity;
+    d["buffer_bytes"] = i.buffer_bytes;
+    d["peers_open"] = i.peers_open;
+    return d;
+  }
+
+  // The fused launch: one segment (rms_norm) or two (qk_norm); pointers as integers.
+  void launch(int op, int dtype, int64_t tokens, float eps, uintptr_t stream, uintptr_t in0, uintptr_t out0,
+              uintptr_t w0, int wdt0, int64_t is0, int64_t os0, int width0, int full0, uintptr_t in1, uintptr_t out1,
+              uintptr_t w1, int wdt1, int64_t is1, int64_t os1, int width1, int full1) {
+    ArmsNormArgs a = {};
+    a.segment[0] = segment(in0, out0, w0, wdt0, is0, os0, width0, full0);
+    a.num_segments = 1;
+    if (in1) {
+      a.segment[1] = segment(in1, out1, w1, wdt1, is1, os1, width1, full1);
+      a.num_segments = 2;
+    }
+    a.dtype = dtype;
+    a.tokens = tokens;
+    a.eps = eps;
+    a.mode = ARMS_MODE_LAMPORT;
+    a.op = op;
+    a.device = device_;
+    a.stream = reinterpret_cast<void*>(stream);
+    check(*api_, api_->fused_norm(live(), &a));
+  }
+
+  void close() {
+    if (ws_) {
+      api_->workspace_destroy(ws_);
+      ws_ = nullptr;
+    }
+  }
+  bool closed() const { return ws_ == nullptr; }
+  int device_type() const { return device_type_; }
+
+ private:
+  ArmsWorkspace* live() {
+    if (!ws_) throw std::runtime_error("allreduce_rms: workspace used after close()");
+    return ws_;
+  }
+  const ArmsBackendApi* api_;
+  ArmsWorkspace* ws_ = nullptr;
+  int device_type_;
+  int device_;
+};
+
+void launch_local(int device_type, int device, int mode, int dtype, int64_t tokens, float eps, uintptr_t stats,
+                  uintptr_t stream, uintptr_t in0, uintptr_t out0, uintptr_t w0, int wdt0, int64_t is0, int64_t os0,
+                  int width0, int full0, uintptr_t in1, uintptr_t out1, uintptr_t w1, int wdt1, int64_t is1,
+                  int64_t os1, int width1, int full1) {
+  const ArmsBackendApi& api = backend(device_type);
+  ArmsNormArgs a = {};
+  a.segment[0] = segment(in0, out0, w0, wdt0, is0, os0, width0, full0);
+  a.num_segments = 1;
+  if (in1) {
+    a.segment[1] = segment(in1, out1, w1, wdt1, is1, os1, width1, full1);
+    a.num_segments = 2;
+  }
+  a.dtype = dtype;
+  a.tokens = tokens;
+  a.eps = eps;
+  a.mode = mode;
+  a.op = in1 ? ARMS_OP_QK_NORM : ARMS_OP_RMS_NORM;
+  a.device = device;
+  a.stats = reinterpret_cast<float*>(stats);
+  a.stream = reinterpret_cast<void*>(stream);
+  check(api, api.norm(&a));
+}
+
+int dtype_code(const nb::dlpack::dtype& dt, const char* name) {
+  if (dt == nb::dtype<float>()) return ARMS_F32;
+  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1) return ARMS_F16;
+  if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return ARMS_BF16;
+  throw nb::value_error((std::string(name) + ": dtype must be float32, float16 or bfloat16").c_str());
+}
+
+// Plain (single-rank) RMSNorm over the last dimension of a 2-D tensor, for any DLPack producer.
+void rms_norm_dlpack(nb::ndarray<nb::ndim<2>> x, nb::ndarray<nb::ndim<1>> weight, nb::ndarray<nb::ndim<2>> out,
+                     float eps, uintptr_t stream) {
+  const int device_type = x.device_type();
+  if (weight.device_type() != device_type || out.device_type() != device_type || weight.device_id() != x.device_id() ||
+      out.device_id() != x.device_id())
+    throw nb::value_error("x, weight and out must be on the same device");
+  const int dtype = dtype_code(x.dtype(), "x");
+  if (dtype_code(out.dtype(), "out") != dtype) throw nb::value_error("out must have the dtype of x");
+  const int wdtype = dtype_code(weight.dtype(), "weight");
+  if (x.stride(1) != 1 || out.stride(1) != 1) throw nb::value_error("x and out must have unit stride in the last dimension");
+  if (weight.stride(0) != 1) throw nb::value_error("weight must be contiguous");
+  if (out.shape(0) != x.shape(0) || out.shape(1) != x.shape(1)) throw nb::value_error("out must have the shape of x");
+  if (weight.shape(0) != x.shape(1)) throw nb::value_error("weight must have x.shape[1] elements");
+  const int width = static_cast<int>(x.shape(1));
+  launch_local(device_type, x.device_id(), ARMS_MODE_LOCAL, dtype, static_cast<int64_t>(x.shape(0)), eps, 0, stream,
+               reinterpret_cast<uintptr_t>(x.data()), reinterpret_cast<uintptr_t>(out.data()),
+               reinterpret_cast<uintptr_t>(weight.data()), wdtype, x.stride(0), out.stride(0), width, width, 0, 0, 0,
+               0, 0, 0, 0, 0);
+}
+
+nb::dict backend_status(int device_type) {
+  const BackendSlot& slot = backends[slot_for_device_type(device_type)];
+  nb::dict d;
+  d["loaded"] = slot.api != nullptr;
+  d["error"] = slot.error;
+  if (slot.api) {
+    int count = 0;
+    d["devices"] = slot.api->device_count(&count) == ARMS_OK ? count : 0;
+    d["warp_size"] = slot.api->warp_size();
+    d["name"] = slot.api->name;
+  }
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_front, m) {
+  m.doc() = "allreduce_rms front module: DLPack validation and backend dispatch (no libtorch).";
+  m.attr("ABI_VERSION") = ARMS_BACKEND_ABI_VERSION;
+  m.attr("DL_CUDA") = kDLCUDA;
+  m.attr("DL_ROCM") = kDLROCM;
+  m.attr("MODE_LOCAL") = static_cast<int>(ARMS_MODE_LOCAL);
+  m.attr("MODE_STATS_OUT") = static_cast<int>(ARMS_MODE_STATS_OUT);
+  m.attr("MODE_STATS_IN") = static_cast<int>(ARMS_MODE_STATS_IN);
+  m.attr("OP_RMS_NORM") = static_cast<int>(ARMS_OP_RMS_NORM);
+  m.attr("OP_QK_NORM") = static_cast<int>(ARMS_OP_QK_NORM);
+  m.attr("MAX_RANKS") = ARMS_MAX_RANKS;
+
+  m.def("load_backend", &load_backend, nb::arg("device_type"), nb::arg("path"),
+        "Load the backend library for a DLPack device type; returns '' or why it failed.");
+  m.def("backend_status", &backend_status, nb::arg("device_type"));
+  m.def("launch_local", &launch_local, "Local launch (no communication) with raw pointers.");
+  m.def("rms_norm", &rms_norm_dlpack, nb::arg("x"), nb::arg("weight"), nb::arg("out"), nb::arg("eps"),
+        nb::arg("stream") = 0, "Single-rank RMSNorm of a 2-D DLPack tensor into out.");
+
+  nb::class_<NativeWorkspace>(m, "NativeWorkspace")
+      .def(nb::init<int, int, int, int, int, int64_t>(), nb::arg("device_type"), nb::arg("device"), nb::arg("rank"),
+           nb::arg("nranks"), nb::arg("capacity"), nb::arg("timeout_ns"))
+      .def("ipc_handle", &NativeWorkspace::ipc_handle)
+      .def("open_peers", &NativeWorkspace::open_peers)
+      .def("probe", &NativeWorkspace::probe, nb::arg("nonce"), nb::arg("timeout_ns"), nb::arg("drop_peer_writes"))
+      .def("fault", &NativeWorkspace::fault)
+      .def("info", &NativeWorkspace::info)
+      .def("launch", &NativeWorkspace::launch)
+      .def("close", &NativeWorkspace::close)
+      .def_prop_ro("closed", &NativeWorkspace::closed);
+}

@@ -1,0 +1,94 @@
+// CUDA spellings of the platform vocabulary (see platform.h). PTX lives here and nowhere else.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#define ARMS_HOST_DEVICE __host__ __device__
+#define ARMS_BACKEND_NAME "cuda"
+
+namespace arms {
+namespace platform {
+
+constexpr int kWarpSize = 32;
+
+using Stream = cudaStream_t;
+using Error = cudaError_t;
+constexpr Error kSuccess = cudaSuccess;
+inline const char* error_string(Error e) { return cudaGetErrorString(e); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// ld/st.relaxed.sys: never served from a stale L1 line, and ordered with respect to other
+// system-scope operations on the same address. That is all the Lamport cells need, because every
+// cell is its own flag.
+__device__ __forceinline__ uint32_t load_relaxed_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_relaxed_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void fence_system() { __threadfence_system(); }
+
+__device__ __forceinline__ uint64_t timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Programmatic dependent launch (sm_90+). pdl_wait() blocks until the previous kernel in the
+// stream has completed and its memory is visible; pdl_trigger() lets the next kernel be scheduled
+// early (it still stops at its own pdl_wait()). Both are no-ops when the launch had no PDL edge.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float half_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+__device__ __forceinline__ uint16_t float_to_half(float f) { return __half_as_ushort(__float2half_rn(f)); }
+
+// Peers write into this memory over NVLink/PCIe and this GPU polls it: plain device memory is
+// coherent enough on NVIDIA when the polls use .sys-scope loads.
+inline Error alloc_polled(void** p, size_t bytes) { return cudaMalloc(p, bytes); }
+inline Error free_polled(void* p) { return cudaFree(p); }
+
+// True when kernels on this device may use programmatic dependent launch.
+inline bool device_supports_pdl(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 9;
+}
+
+template <class... KernelArgs, class... Args>
+inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool pdl,
+                    Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace platform
+}  // namespace arms

@@ -1,0 +1,88 @@
+// HIP (ROCm) spellings of the platform vocabulary (see cpp/platform.h). The build hipifies cpp/
+// into the build tree and puts this directory first on the include path, so cpp/platform.h picks
+// this header up on AMD. Written by hand: hipify cannot produce memory scopes, uncached
+// allocation or 64-wide wavefront code from the CUDA spellings.
+#pragma once
+
+#include <hip/hip_fp16.h>
+#include <hip/hip_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#define ARMS_HOST_DEVICE __host__ __device__
+#define ARMS_BACKEND_NAME "hip"
+
+namespace arms {
+namespace platform {
+
+// CDNA parts (gfx90a, gfx94x, gfx950) run 64-wide wavefronts. __AMDGCN_WAVEFRONT_SIZE is only
+// defined in the device pass; the host pass sizes blocks in multiples of 64, which also suits a
+// wave32 device.
+#if defined(__AMDGCN_WAVEFRONT_SIZE)
+constexpr int kWarpSize = __AMDGCN_WAVEFRONT_SIZE;
+#else
+constexpr int kWarpSize = 64;
+#endif
+
+using Stream = hipStream_t;
+using Error = hipError_t;
+constexpr Error kSuccess = hipSuccess;
+inline const char* error_string(Error e) { return hipGetErrorString(e); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor(v, offset);
+  return v;
+}
+
+// System-scope relaxed atomics: the load is re-issued to memory on every spin iteration and sees
+// writes that peers make over xGMI/PCIe into fine-grained memory.
+__device__ __forceinline__ uint32_t load_relaxed_sys(const uint32_t* p) {
+#if __has_builtin(__hip_atomic_load)
+  return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+  return __atomic_load_n(p, __ATOMIC_RELAXED);  // clang's AMDGPU default scope is system
+#endif
+}
+__device__ __forceinline__ void store_relaxed_sys(uint32_t* p, uint32_t v) {
+#if __has_builtin(__hip_atomic_store)
+  __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+  __atomic_store_n(p, v, __ATOMIC_RELAXED);
+#endif
+}
+__device__ __forceinline__ void fence_system() { __threadfence_system(); }
+
+// s_memrealtime counts at a constant 100 MHz on CDNA parts.
+__device__ __forceinline__ uint64_t timer_ns() { return __builtin_amdgcn_s_memrealtime() * 10ull; }
+
+// HIP has no programmatic dependent launch: stream order alone separates kernels.
+__device__ __forceinline__ void pdl_wait() {}
+__device__ __forceinline__ void pdl_trigger() {}
+
+__device__ __forceinline__ float half_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+__device__ __forceinline__ uint16_t float_to_half(float f) { return __half_as_ushort(__float2half(f)); }
+
+// Memory that other GPUs write and this GPU polls must be fine-grained (uncached): coarse-grained
+// memory may keep a stale line in this GPU's L2 while the peer's write sits in HBM.
+inline Error alloc_polled(void** p, size_t bytes) {
+#if defined(hipDeviceMallocUncached)
+  return hipExtMallocWithFlags(p, bytes, hipDeviceMallocUncached);
+#else
+  return hipExtMallocWithFlags(p, bytes, hipDeviceMallocFinegrained);
+#endif
+}
+inline Error free_polled(void* p) { return hipFree(p); }
+
+inline bool device_supports_pdl(int) { return false; }
+
+template <class... KernelArgs, class... Args>
+inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool,
+                    Args&&... args) {
+  hipLaunchKernelGGL(kernel, dim3(grid), dim3(block), 0, stream, std::forward<Args>(args)...);
+  return hipGetLastError();
+}
+
+}  // namespace platform
+}  // namespace arms

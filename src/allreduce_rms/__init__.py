@@ -1,0 +1,15 @@
+"""allreduce_rms: fused tensor-parallel all-reduce + RMSNorm / QK-norm for CUDA and ROCm.
+
+Quick start (one process per GPU, torch.distributed initialized)::
+
+    import allreduce_rms
+    ws = allreduce_rms.Workspace(group)            # collective; picks fused or fallback path
+    q, k = allreduce_rms.qk_norm(qkv, q_w, k_w, q_size, kv_size, eps=1e-6, workspace=ws)
+"""
+
+from ._native import backends
+from .ops import qk_norm, rms_norm
+from .workspace import Workspace, WorkspaceError, workspace_for
+
+__all__ = ["Workspace", "WorkspaceError", "backends", "qk_norm", "rms_norm", "workspace_for"]
+__version__ = "0.1.0"

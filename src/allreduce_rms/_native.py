@@ -1,0 +1,95 @@
+"""Loading the compiled pieces: the nanobind front module and the backend libraries beside it.
+
+Nothing here needs a GPU. A build without any GPU toolchain still has the front module; a
+source checkout that was never built has neither, and the pure-torch fallback still works.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Dict, List, Optional
+
+import torch
+
+try:  # the front module is absent only in a source tree that was never built
+    from . import _front  # type: ignore[attr-defined]
+
+    _FRONT_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - exercised only in unbuilt checkouts
+    _front = None  # type: ignore[assignment]
+    _FRONT_ERROR = f"front module not built ({exc}); run `pip install .`"
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_BACKEND_FILES = {"cuda": "libarms_cuda.so", "hip": "libarms_hip.so"}
+_DL_CODES = {"cuda": 2, "hip": 10}  # DLPack kDLCUDA, kDLROCM
+_lock = threading.Lock()
+_load_errors: Dict[str, str] = {}
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def device_backend_name() -> str:
+    """The backend that serves torch's 'cuda' device in this torch build: 'hip' or 'cuda'."""
+    return "hip" if getattr(torch.version, "hip", None) else "cuda"
+
+
+def dl_device_type() -> int:
+    """DLPack device type of torch 'cuda' tensors in this torch build (kDLROCM on ROCm)."""
+    return _DL_CODES[device_backend_name()]
+
+
+def load(name: str) -> Optional[str]:
+    """Load backend `name` ('cuda' or 'hip') once; return None when loaded, else why not."""
+    if _front is None:
+        return _FRONT_ERROR
+    with _lock:
+        if name in _load_errors:
+            return _load_errors[name] or None
+        path = os.path.join(_PACKAGE_DIR, _BACKEND_FILES[name])
+        if not os.path.exists(path):
+            error = f"{_BACKEND_FILES[name]} was not built (no {name.upper()} toolchain at build time)"
+        else:
+            error = _front.load_backend(_DL_CODES[name], path)
+        _load_errors[name] = error
+        return error or None
+
+
+def front() -> Any:
+    """The front module; raises RuntimeError when the package was never built."""
+    if _front is None:
+        raise RuntimeError(f"allreduce_rms: {_FRONT_ERROR}")
+    return _front
+
+
+def gpu_kernels_available() -> bool:
+    """True when torch sees a GPU and the matching backend library loads."""
+    return torch.cuda.is_available() and load(device_backend_name()) is None
+
+
+def backends() -> List[Dict[str, Any]]:
+    """Report every backend: whether it was built, whether it loads, and why not.
+
+    Returns a list of dicts with keys ``name``, ``built``, ``loaded``, ``devices`` and
+    ``error`` (an empty string when loaded).
+    """
+    report = []
+    for name, filename in _BACKEND_FILES.items():
+        built = os.path.exists(os.path.join(_PACKAGE_DIR, filename))
+        entry: Dict[str, Any] = {"name": name, "built": built, "loaded": False, "devices": 0, "error": ""}
+        error = load(name)
+        if error is None:
+            status = _front.backend_status(_DL_CODES[name])
+            entry.update(loaded=True, devices=status.get("devices", 0), warp_size=status.get("warp_size"))
+        else:
+            entry["error"] = error
+        report.append(entry)
+    return report
+
+
+def current_stream(device: torch.device) -> int:
+    """The raw current stream handle of `device` (cheap: no Python stream object is built)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream

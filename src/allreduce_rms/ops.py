@@ -1,0 +1,248 @@
+"""The public ops: :func:`rms_norm` and :func:`qk_norm` over a tensor-parallel group.
+
+For a group of N ranks, rank r holds x_r of shape [T, W] (its slice of a row of width N*W) and
+the matching weight slice w_r of shape [W]. Both ops compute, in float32,
+
+    out_r[t, j] = x_r[t, j] * rsqrt(sum over ranks of sum_j x_r[t, j]^2 / (N*W) + eps) * w_r[j]
+
+and return out_r in x's dtype. qk_norm does this for q and k, two column slices of one qkv tensor,
+each with its own statistic. Without a workspace (or with a one-rank group) they are plain
+RMSNorm / QK-norm.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _native, fallback
+from .workspace import Workspace, WorkspaceError
+
+_DTYPES = _native.DTYPE_CODES
+_DEBUG = os.environ.get("ALLREDUCE_RMS_DEBUG", "0") not in ("", "0")
+
+# One normalized column range: (input view [T, W], output view [T, W], weight [W]).
+Segment = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+OP_RMS_NORM, OP_QK_NORM = 1, 2  # ArmsOp codes (backend_api.h)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """RMSNorm of this rank's slice of rows sharded over the workspace's TP group.
+
+    Args:
+        x: [..., W] float32/float16/bfloat16, unit stride in the last dimension.
+        weight: [W] weight slice of this rank, any of the three dtypes, same device as x.
+        eps: added to the mean square.
+        workspace: the group's :class:`Workspace`; None normalizes locally (one rank).
+        out: optional output of x's shape and dtype (may be x itself: in place).
+
+    Returns:
+        The normalized tensor, shape and dtype of x.
+
+    Raises:
+        ValueError: a bad argument (the message names it).
+        TimeoutError: a peer never joined an earlier fused call on this workspace.
+        WorkspaceError: the workspace is closed.
+    """
+    _check_tensor("x", x)
+    width = x.shape[-1]
+    _check_weight("weight", weight, width, x)
+    x2 = _rows("x", x)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    else:
+        _check_tensor("out", out)
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(f"out: expected shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}; "
+                             f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    out2 = _rows("out", out)
+    _run(OP_RMS_NORM, [(x2, out2, weight)], eps, workspace)
+    return out
+
+
+def qk_norm(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    q_size: int,
+    kv_size: int,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    inplace: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """QK-norm across TP ranks: q and k, column slices of qkv, each normalized over all heads.
+
+    Args:
+        qkv: [..., q_size + 2*kv_size] (q | k | v columns of this rank), unit stride in the last
+            dimension. q and k are read in place at qkv's row stride; v is never touched.
+        q_weight: [q_size]; k_weight: [kv_size]; each any of float32/float16/bfloat16.
+        q_size, kv_size: this rank's q and k widths (heads on this rank x head_dim).
+        eps: added to each mean square.
+        workspace: the group's :class:`Workspace`; None normalizes locally (one rank).
+        inplace: write the results back into qkv's q and k columns.
+
+    Returns:
+        (q, k): new [..., q_size] and [..., kv_size] tensors, or views into qkv when inplace.
+
+    Raises:
+        ValueError, TimeoutError, WorkspaceError: as :func:`rms_norm`.
+    """
+    _check_tensor("qkv", qkv)
+    for name, value in (("q_size", q_size), ("kv_size", kv_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if qkv.shape[-1] != q_size + 2 * kv_size:
+        raise ValueError(f"qkv: last dimension is {qkv.shape[-1]}, but q_size + 2*kv_size = "
+                         f"{q_size} + 2*{kv_size} = {q_size + 2 * kv_size}")
+    _check_weight("q_weight", q_weight, q_size, qkv)
+    _check_weight("k_weight", k_weight, kv_size, qkv)
+    rows = _rows("qkv", qkv)
+    q_in = rows[:, :q_size]
+    k_in = rows[:, q_size:q_size + kv_size]
+    lead = qkv.shape[:-1]
+    if inplace:
+        q_out, k_out = q_in, k_in
+        result = (qkv[..., :q_size], qkv[..., q_size:q_size + kv_size])
+    else:
+        q_out = torch.empty((rows.shape[0], q_size), dtype=qkv.dtype, device=qkv.device)
+        k_out = torch.empty((rows.shape[0], kv_size), dtype=qkv.dtype, device=qkv.device)
+        result = (q_out.view(*lead, q_size), k_out.view(*lead, kv_size))
+    _run(OP_QK_NORM, [(q_in, q_out, q_weight), (k_in, k_out, k_weight)], eps, workspace)
+    return result
+
+
+# ------------------------------------------------------------------------- validation
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name}: dtype {t.dtype} is not supported; use float32, float16 or bfloat16")
+    if t.dim() < 1 or t.shape[-1] == 0:
+        raise ValueError(f"{name}: needs a non-empty last dimension, got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name}: the last dimension must have unit stride (got strides {t.stride()}); "
+                         "call .contiguous() first")
+
+
+def _check_weight(name: str, w: torch.Tensor, width: int, x: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _DTYPES:
+        raise ValueError(f"{name}: dtype {w.dtype} is not supported; use float32, float16 or bfloat16")
+    if w.dim() != 1 or w.shape[0] != width:
+        raise ValueError(f"{name}: expected shape ({width},) to match the normalized width, got {tuple(w.shape)}")
+    if w.device != x.device:
+        raise ValueError(f"{name}: on {w.device}, but the activations are on {x.device}")
+    if w.stride(0) != 1 and width > 1:
+        raise ValueError(f"{name}: must be contiguous (stride {w.stride(0)})")
+
+
+def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """View t as [T, W] without copying; leading dimensions must merge into one row stride."""
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        raise ValueError(f"{name}: leading dimensions of shape {tuple(t.shape)} and strides {t.stride()} "
+                         "cannot be viewed as rows; call .contiguous() first") from None
+
+
+# ------------------------------------------------------------------------- dispatch
+def _run(op: int, segments: List[Segment], eps: float, ws: Optional[Workspace]) -> None:
+    x = segments[0][0]
+    tokens = x.shape[0]
+    world = 1
+    if ws is not None:
+        if not isinstance(ws, Workspace):
+            raise ValueError(f"workspace: expected an allreduce_rms.Workspace, got {type(ws).__name__}")
+        if ws.closed:
+            raise WorkspaceError("allreduce_rms: workspace used after close()")
+        world = ws.world_size
+        if x.device != ws.device and ws.device.type == "cuda":
+            raise ValueError(f"workspace: created for {ws.device}, but the tensors are on {x.device}")
+        if tokens > ws.max_tokens and not ws.chunking:
+            raise ValueError(f"{tokens} tokens exceed the workspace's max_tokens={ws.max_tokens} "
+                             "(created with chunking=False)")
+        if _DEBUG and world > 1:
+            _debug_check_same_call(ws, op, tokens)
+    eps = float(eps)
+    if x.device.type == "cuda" and _native.gpu_kernels_available():
+        if world == 1:
+            _launch_local(_native.front().MODE_LOCAL, segments, eps, 1, None)
+        elif ws.path == "fused":
+            _launch_fused(ws, op, segments, eps)
+        else:
+            _run_fallback_gpu(segments, eps, ws)
+        return
+    if ws is not None and ws.path == "fused":
+        raise ValueError(f"the fused path needs GPU tensors on {ws.device}; got tensors on {x.device}")
+    _run_torch(segments, eps, ws)
+
+
+def _segment_args(segments: List[Segment], world: int) -> list:
+    args: list = []
+    for inp, out, w in segments:
+        args += [inp.data_ptr(), out.data_ptr(), w.data_ptr(), _DTYPES[w.dtype], inp.stride(0), out.stride(0),
+                 inp.shape[1], inp.shape[1] * world]
+    if len(segments) == 1:
+        args += [0, 0, 0, 0, 0, 0, 0, 0]
+    return args
+
+
+def _launch_local(mode: int, segments: List[Segment], eps: float, world: int, stats: Optional[torch.Tensor]) -> None:
+    x = segments[0][0]
+    _native.front().launch_local(
+        _native.dl_device_type(), x.device.index, mode, _DTYPES[x.dtype], x.shape[0], eps,
+        stats.data_ptr() if stats is not None else 0, _native.current_stream(x.device), *_segment_args(segments, world))
+
+
+def _launch_fused(ws: Workspace, op: int, segments: List[Segment], eps: float) -> None:
+    x = segments[0][0]
+    ws._native.launch(op, _DTYPES[x.dtype], x.shape[0], eps, _native.current_stream(x.device),
+                      *_segment_args(segments, ws.world_size))
+
+
+def _run_fallback_gpu(segments: List[Segment], eps: float, ws: Workspace) -> None:
+    front = _native.front()
+    tokens = segments[0][0].shape[0]
+    stats = torch.empty((tokens, len(segments)), dtype=torch.float32, device=segments[0][0].device)
+    if tokens == 0:
+        dist.all_reduce(stats, group=ws.group)  # keep collective counts equal across ranks
+        return
+    _launch_local(front.MODE_STATS_OUT, segments, eps, ws.world_size, stats)
+    dist.all_reduce(stats, group=ws.group)
+    _launch_local(front.MODE_STATS_IN, segments, eps, ws.world_size, stats)
+
+
+def _run_torch(segments: List[Segment], eps: float, ws: Optional[Workspace]) -> None:
+    stats = torch.stack([fallback.sum_of_squares(inp) for inp, _, _ in segments], dim=-1)
+    world = 1
+    if ws is not None and ws.world_size > 1:
+        world = ws.world_size
+        dist.all_reduce(stats, group=ws.group)
+    for i, (inp, out, w) in enumerate(segments):
+        fallback.normalize(inp, stats[:, i], inp.shape[1] * world, w, eps, out=out)
+
+
+def _debug_check_same_call(ws: Workspace, op: int, tokens: int) -> None:
+    """ALLREDUCE_RMS_DEBUG=1: every rank must make the same call; name the rank that differs."""
+    calls: list = [None] * ws.world_size
+    dist.all_gather_object(calls, (op, tokens), group=ws.group)
+    names = {1: "rms_norm", 2: "qk_norm"}
+    for r, (rank_op, rank_tokens) in enumerate(calls):
+        if (rank_op, rank_tokens) != calls[0]:
+            raise RuntimeError(
+                f"allreduce_rms debug: rank {r} called {names.get(rank_op, rank_op)} with {rank_tokens} tokens, "
+                f"but rank 0 called {names.get(calls[0][0], calls[0][0])} with {calls[0][1]} tokens")
