@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole GPU run, the same every session: install the carried build wheels, build and install
+# the package, run the GPU tests, the benchmark and the reliability run; logs and JSON go to
+# $OUT (the device tool brings that folder back) or ./gpu-run-out.
+#
+#   STAGES="build tests bench reliability" bash scripts/gpu_run.sh      (default: all four)
+#   ARCHS=90a  (CUDA architectures to build; default 90a to keep the build short)
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-run-out}
+STAGES=${STAGES:-"build tests bench reliability"}
+ARCHS=${ARCHS:-90a}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+log() { echo "[gpu_run $(date +%T)] $*"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
+nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+card=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace('NVIDIA ','').replace(' ','-'))")
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+log "card=$card gpus=$ngpu stages=[$STAGES]"
+
+if has build; then
+  log "building (CUDA archs $ARCHS)"
+  start=$SECONDS
+  if ! python3 -m pip install --no-build-isolation --no-deps --no-index -v . \
+      -Ccmake.define.ALLREDUCE_RMS_CUDA_ARCHS="$ARCHS" > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; log "BUILD FAILED"; exit 1
+  fi
+  log "built in $((SECONDS - start)) s"
+fi
+
+cd /tmp  # import the installed package, not the source tree
+if has tests; then
+  log "GPU tests"
+  python3 -m pytest -q -rs -m "gpu or multigpu" "$OLDPWD/tests" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if has bench; then
+  log "benchmark"
+  python3 -m allreduce_rms --json "$OUT/bench-$card-tp$ngpu.json" --plot "$OUT/bench-$card-tp$ngpu.png" \
+    ${BENCH_ARGS:-} 2>"$OUT/bench-stderr.log" | tee "$OUT/bench.txt" || status=1
+fi
+if has reliability; then
+  log "reliability (soak + sanitizers)"
+  python3 "$OLDPWD/benchmarks/reliability.py" --json "$OUT/reliability-$card.json" ${RELIABILITY_ARGS:-} \
+    2>&1 | tee "$OUT/reliability.log" | tail -20 || status=1
+fi
+log "done, status $status"
+exit $status

@@ -1,0 +1,82 @@
+"""Run a function in N real processes, one rank each, with torch.distributed initialized.
+
+Used by every multi-process test (gloo on CPU, NCCL on GPUs). A rank that raises fails the test
+with its traceback; a rank that hangs is killed after `timeout` seconds and fails the test, so a
+test can never hang CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable[..., Any], rank: int, world_size: int, backend: str, port: int, env: Dict[str, str],
+           args: tuple, queue: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            # tear down without a barrier: a rank that failed must not wait for the others
+            dist.destroy_process_group()
+        queue.put((rank, True, result))
+    except BaseException:  # report everything, including assertion failures
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout: float = 180.0,
+              env: Optional[Dict[str, str]] = None) -> List[Any]:
+    """Run fn(rank, world_size, *args) in world_size processes; return the per-rank results.
+
+    fn must be a module-level function (it is pickled into spawned processes). Raises
+    AssertionError naming the rank on any failure or on timeout.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, backend, port, dict(env or {}), args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: Dict[int, Any] = {}
+    failures: List[str] = []
+    try:
+        import queue as queue_module
+
+        for _ in range(world_size):
+            try:
+                rank, ok, payload = queue.get(timeout=timeout)
+            except queue_module.Empty:
+                failures.append(f"timed out after {timeout} s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+                break
+            if ok:
+                results[rank] = payload
+            else:
+                failures.append(f"rank {rank} failed:\n{payload}")
+                results[rank] = None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return [results[r] for r in range(world_size)]
