@@ -4,9 +4,9 @@
 //     [slot 0..2][source rank 0..N-1][token 0..capacity-1][segment 0..1]   then   [probe 0..N-1]
 // and every rank holds a mapping of every peer's buffer. A launch with epoch e uses slot e % 3:
 //   1. it stores its own partial sum for (token, segment) into cell [slot][own rank][token][seg]
-//      of every rank's buffer, its own included;
+//      of every peer's buffer;
 //   2. it spins on its own buffer until cell [slot][r][token][seg] is no longer the sentinel
-//      -0.0, for every source r, and adds the N values in rank order;
+//      -0.0, for every peer r, and adds the N values (its own from a register) in rank order;
 //   3. it resets slot (e - 1) % 3, which the previous launch used, back to the sentinel.
 // Why three slots: while this rank runs launch e, a peer may already run launch e + 1 (it got
 // all it needed from us) and write into slot e + 1 of our buffer, but no peer can reach launch
@@ -75,15 +75,18 @@ __device__ inline void record_fault(const LamportParams& lp, int peer, uint32_t 
 }
 
 // Spin until a peer's cell is written, bounded by the workspace timeout. A NaN return poisons
-// the row, so a timed-out launch can never produce a plausible-looking wrong answer.
+// the row, so a timed-out launch can never produce a plausible-looking wrong answer. The clock
+// and the shared failure flag are read every 32 polls only: each read is a round trip that would
+// otherwise delay noticing the peer's write.
 __device__ inline float wait_for_cell(const LamportParams& lp, const uint32_t* cell, int peer, uint32_t epoch,
                                       int tokens) {
   uint32_t bits = platform::load_relaxed_sys(cell);
   if (bits != kEmptyCell) return bits_float(bits);
   const uint64_t start = platform::timer_ns();
-  for (;;) {
+  for (uint32_t polls = 1;; ++polls) {
     bits = platform::load_relaxed_sys(cell);
     if (bits != kEmptyCell) return bits_float(bits);
+    if (polls % 32 != 0) continue;
     // Another thread timed out: stop now instead of waiting out our own full timeout.
     if (platform::load_relaxed_sys(&lp.ctrl->failed) != 0u) return __int_as_float(0x7fc00000);
     if (platform::timer_ns() - start > static_cast<uint64_t>(lp.timeout_ns)) {
@@ -93,18 +96,17 @@ __device__ inline float wait_for_cell(const LamportParams& lp, const uint32_t* c
   }
 }
 
-// Publish one partial sum to every rank (own buffer included) and return the sum over all ranks,
-// added in rank order.
-__device__ inline float exchange_partial(const LamportParams& lp, uint32_t slot, uint32_t epoch, int token,
-                                         int segment, int tokens, float partial) {
+// One lane's share of exchanging a (token, segment) statistic. The lanes of a group of
+// next_pow2(N) consecutive lanes serve one cell: lane r sends this rank's partial to rank r and
+// waits for rank r's partial, so the N sends and N waits all overlap. Returns rank r's partial
+// (this rank's own one without a round trip); the caller adds the group's values in rank order.
+__device__ inline float exchange_lane(const LamportParams& lp, uint32_t slot, uint32_t epoch, int token, int segment,
+                                      int tokens, float partial, int r) {
   // -0.0 is the sentinel; adding +0.0 turns -0.0 into +0.0 and leaves everything else unchanged.
   const uint32_t bits = float_bits(partial + 0.0f);
-  for (int r = 0; r < lp.nranks; ++r)
-    platform::store_relaxed_sys(lp.buffers[r] + cell_index(lp, slot, lp.rank, token, segment), bits);
-  const uint32_t* own = lp.buffers[lp.rank];
-  float total = 0.f;
-  for (int r = 0; r < lp.nranks; ++r) total += wait_for_cell(lp, own + cell_index(lp, slot, r, token, segment), r, epoch, tokens);
-  return total;
+  if (r == lp.rank) return bits_float(bits);
+  platform::store_relaxed_sys(lp.buffers[r] + cell_index(lp, slot, lp.rank, token, segment), bits);
+  return wait_for_cell(lp, lp.buffers[lp.rank] + cell_index(lp, slot, r, token, segment), r, epoch, tokens);
 }
 
 // Reset the cells the previous launch used to the sentinel. Run by the whole grid at the start
@@ -130,9 +132,15 @@ __device__ inline void clear_previous_slot(const LamportParams& lp, uint32_t epo
 
 // The last block to finish advances the epoch. Every block read the control words at its start
 // and fenced before counting itself done, so no block can still read the old epoch after it moves.
+// A one-block launch (decode) skips the counter: it is its own last block.
 __device__ inline void finish_launch(const LamportParams& lp, uint32_t epoch, int tokens) {
   __syncthreads();
   if (threadIdx.x != 0) return;
+  if (gridDim.x == 1) {
+    lp.ctrl->prev_tokens = static_cast<uint32_t>(tokens);
+    lp.ctrl->epoch = epoch + 1;
+    return;
+  }
   __threadfence();
   if (atomicAdd(&lp.ctrl->blocks_done, 1u) == gridDim.x - 1) {
     lp.ctrl->prev_tokens = static_cast<uint32_t>(tokens);

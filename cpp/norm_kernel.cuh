@@ -7,10 +7,10 @@
 // MODE says where sum_sq comes from and where it goes (ArmsMode): computed locally (LOCAL,
 // STATS_OUT), read from a tensor (STATS_IN), or exchanged through the Lamport buffers (LAMPORT).
 //
-// Work layout: a block owns tiles of `tokens_per_tile` consecutive tokens. Each thread owns the
-// same VPT vectors (of VEC elements) of every token row, so it loads all of a tile's vectors at
-// once, keeps them in registers across the reduction and the exchange, and writes them back
-// normalized: each input byte is read once and each output byte written once.
+// Work layout: a block owns tiles of `tokens_per_tile` consecutive tokens (grid-stride). Each
+// thread owns the same VPT vectors (of VEC elements) of every token row, so it loads all of a
+// tile's vectors at once, keeps them in registers across the reduction and the exchange, and
+// writes them back normalized: each input byte is read once and each output byte written once.
 #pragma once
 
 #include "backend_api.h"
@@ -21,7 +21,12 @@
 namespace arms {
 
 constexpr int kMaxBlockThreads = 512;
-constexpr int kRegisterVectors = 8;  // vectors of activations each thread holds per tile
+
+// Tokens per tile, at most, for VPT vectors per thread and token. Up to 4 vectors per thread the
+// kernel double-buffers: the next tile's loads are in flight while this tile's statistics cross
+// the interconnect, so the exchange latency hides behind memory traffic at large T.
+ARMS_HOST_DEVICE constexpr int tile_tokens_max(int vpt) { return vpt <= 4 ? (vpt >= 4 ? 1 : 4 / vpt) : 1; }
+ARMS_HOST_DEVICE constexpr bool tile_pipelined(int vpt) { return vpt <= 4; }
 
 struct KernelSegment {
   const void* in;
@@ -48,15 +53,18 @@ struct KernelParams {
 template <class D, int VEC, int VPT, int MODE>
 __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelParams p) {
   using S = typename D::storage;
-  constexpr int TPB = VPT >= kRegisterVectors ? 1 : kRegisterVectors / VPT;  // tokens per tile, at most
+  using V = Vec<D, VEC>;
+  constexpr int TPB = tile_tokens_max(VPT);
+  constexpr bool kPipelined = tile_pipelined(VPT);
   constexpr int kWarp = platform::kWarpSize;
   constexpr int kMaxWarps = kMaxBlockThreads / kWarp;
+  constexpr int kCells = TPB * ARMS_MAX_SEGMENTS;  // (token, segment) statistics per tile
   constexpr bool kSums = MODE != ARMS_MODE_STATS_IN;
   constexpr bool kNormalizes = MODE != ARMS_MODE_STATS_OUT;
   constexpr bool kCacheWeights = kNormalizes && VPT * VEC <= 16;
 
-  __shared__ float warp_partial[kMaxWarps][TPB * ARMS_MAX_SEGMENTS];
-  __shared__ float row_scale[TPB * ARMS_MAX_SEGMENTS];
+  __shared__ float warp_partial[kMaxWarps][kCells];
+  __shared__ float row_scale[kCells];
 
   // Nothing of the previous kernel in the stream (inputs, workspace state) is read before this.
   platform::pdl_wait();
@@ -76,7 +84,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   S* out_base[VPT];
   int64_t in_stride[VPT];
   int64_t out_stride[VPT];
-  float weight[kCacheWeights ? VPT : 1][kCacheWeights ? VEC : 1];
 #pragma unroll
   for (int c = 0; c < VPT; ++c) {
     const int j = tid + c * blockDim.x;
@@ -87,41 +94,55 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
     out_base[c] = static_cast<S*>(s == 0 ? p.seg[0].out : p.seg[1].out);
     in_stride[c] = s == 0 ? p.seg[0].in_stride : p.seg[1].in_stride;
     out_stride[c] = s == 0 ? p.seg[0].out_stride : p.seg[1].out_stride;
-    if constexpr (kCacheWeights) {
-      if (seg_of[c] >= 0)
-        load_weight<VEC>(s == 0 ? p.seg[0].weight : p.seg[1].weight, s == 0 ? p.seg[0].weight_dtype : p.seg[1].weight_dtype,
-                         col[c], weight[c]);
-    }
-  }
-
-  // Lamport state of this launch. Every thread reads the control words itself (one broadcast
-  // load per warp), which saves a barrier before the first tile.
-  uint32_t epoch = 0, slot = 0;
-  bool failed = false;
-  if constexpr (MODE == ARMS_MODE_LAMPORT) {
-    const LamportParams& lp = p.lamport;
-    epoch = platform::load_relaxed_sys(&lp.ctrl->epoch);
-    failed = platform::load_relaxed_sys(&lp.ctrl->failed) != 0u;
-    slot = epoch % kSlots;
-    if (!failed) clear_previous_slot(lp, epoch, platform::load_relaxed_sys(&lp.ctrl->prev_tokens));
   }
 
   const int tpb = p.tokens_per_tile;
   const int ntiles = (p.tokens + tpb - 1) / tpb;
-  for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+  auto load_tile = [&](auto& x, int tile) {
     const int t0 = tile * tpb;
-    Vec<D, VEC> x[TPB][VPT];
 #pragma unroll
     for (int k = 0; k < TPB; ++k)
 #pragma unroll
       for (int c = 0; c < VPT; ++c)
         if (k < tpb && t0 + k < p.tokens && seg_of[c] >= 0) x[k][c].load(in_base[c] + (t0 + k) * in_stride[c] + col[c]);
+  };
 
-    const int cell = tid;  // threads [0, tpb * 2) each finish one (token, segment) statistic
-    const int cell_token = t0 + cell / ARMS_MAX_SEGMENTS;
-    const int cell_seg = cell % ARMS_MAX_SEGMENTS;
-    const bool owns_cell = cell < tpb * ARMS_MAX_SEGMENTS && cell_seg < p.num_segments && cell_token < p.tokens;
-    const float inv_width = cell_seg == 0 ? p.seg[0].inv_full_width : p.seg[1].inv_full_width;
+  V xa[TPB][VPT];
+  V xb[TPB][VPT];
+  int tile = blockIdx.x;
+  if (tile < ntiles) load_tile(xa, tile);
+
+  float weight[kCacheWeights ? VPT : 1][kCacheWeights ? VEC : 1];
+  if constexpr (kCacheWeights) {
+#pragma unroll
+    for (int c = 0; c < VPT; ++c)
+      if (seg_of[c] >= 0) {
+        const int s = seg_of[c];
+        load_weight<VEC>(s == 0 ? p.seg[0].weight : p.seg[1].weight, s == 0 ? p.seg[0].weight_dtype : p.seg[1].weight_dtype,
+                         col[c], weight[c]);
+      }
+  }
+
+  // Lamport state of this launch: plain L2 loads the compiler overlaps with the loads above.
+  uint32_t epoch = 0, slot = 0;
+  bool failed = false;
+  int group = 1;  // lanes per exchanged statistic: next power of two >= nranks
+  if constexpr (MODE == ARMS_MODE_LAMPORT) {
+    const LamportParams& lp = p.lamport;
+    epoch = platform::load_l2(&lp.ctrl->epoch);
+    failed = platform::load_l2(&lp.ctrl->failed) != 0u;
+    slot = epoch % kSlots;
+    while (group < lp.nranks) group <<= 1;
+    if (!failed) clear_previous_slot(lp, epoch, platform::load_l2(&lp.ctrl->prev_tokens));
+  }
+
+  auto inv_width = [&](int s) { return s == 0 ? p.seg[0].inv_full_width : p.seg[1].inv_full_width; };
+
+  // One tile: statistics, exchange, normalize `cur`; meanwhile the loads of `nxt` are in flight.
+  auto process_tile = [&](auto& cur, int tile, auto& nxt, int next) {
+    if constexpr (kPipelined)
+      if (next < ntiles) load_tile(nxt, next);
+    const int t0 = tile * tpb;
 
     if constexpr (kSums) {
       float acc[TPB][ARMS_MAX_SEGMENTS];
@@ -132,7 +153,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
 #pragma unroll
         for (int c = 0; c < VPT; ++c) {
           if (k < tpb && t0 + k < p.tokens && seg_of[c] >= 0) {
-            const float s = x[k][c].sum_of_squares();
+            const float s = cur[k][c].sum_of_squares();
             acc[k][0] += seg_of[c] == 0 ? s : 0.f;
             acc[k][1] += seg_of[c] == 1 ? s : 0.f;
           }
@@ -149,25 +170,50 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
         }
       }
       __syncthreads();
-      if (owns_cell) {
-        float partial = 0.f;
-        for (int w = 0; w < nwarps; ++w) partial += warp_partial[w][cell];  // fixed order: deterministic
-        float sum = partial;
-        if constexpr (MODE == ARMS_MODE_STATS_OUT) {
-          p.stats[static_cast<int64_t>(cell_token) * p.num_segments + cell_seg] = partial;
-        } else if constexpr (MODE == ARMS_MODE_LAMPORT) {
-          sum = failed ? __int_as_float(0x7fc00000)
-                       : exchange_partial(p.lamport, slot, epoch, cell_token, cell_seg, p.tokens, partial);
-        }
-        row_scale[cell] = rsqrtf(sum * inv_width + p.eps);
-      }
-    } else {
-      if (owns_cell)
-        row_scale[cell] = rsqrtf(p.stats[static_cast<int64_t>(cell_token) * p.num_segments + cell_seg] * inv_width + p.eps);
     }
 
+    if constexpr (MODE == ARMS_MODE_LAMPORT) {
+      const int live_cells = tpb * ARMS_MAX_SEGMENTS;
+      if (warp * kWarp < live_cells * group) {  // whole warps only: the sum below shuffles
+        const int cell = tid / group;
+        const int r = tid % group;
+        const int token = t0 + cell / ARMS_MAX_SEGMENTS;
+        const int seg = cell % ARMS_MAX_SEGMENTS;
+        const bool active = cell < live_cells && seg < p.num_segments && token < p.tokens;
+        float v = 0.f;
+        if (active && r < p.lamport.nranks) {
+          float partial = 0.f;
+          for (int w = 0; w < nwarps; ++w) partial += warp_partial[w][cell];  // fixed order
+          v = failed ? __int_as_float(0x7fc00000)
+                     : exchange_lane(p.lamport, slot, epoch, token, seg, p.tokens, partial, r);
+        }
+        // Every rank adds the same N values in the same (rank) order: identical bits everywhere.
+        const int first = lane - r;
+        float total = 0.f;
+        for (int q = 0; q < p.lamport.nranks; ++q) total += platform::warp_shfl(v, first + q);
+        if (active && r == 0) row_scale[cell] = rsqrtf(total * inv_width(seg) + p.eps);
+      }
+    } else {
+      const int cell = tid;
+      const int token = t0 + cell / ARMS_MAX_SEGMENTS;
+      const int seg = cell % ARMS_MAX_SEGMENTS;
+      if (cell < tpb * ARMS_MAX_SEGMENTS && seg < p.num_segments && token < p.tokens) {
+        float* stat = p.stats ? p.stats + static_cast<int64_t>(token) * p.num_segments + seg : nullptr;
+        float sum;
+        if constexpr (kSums) {
+          sum = 0.f;
+          for (int w = 0; w < nwarps; ++w) sum += warp_partial[w][cell];  // fixed order
+          if constexpr (MODE == ARMS_MODE_STATS_OUT) *stat = sum;
+        } else {
+          sum = *stat;
+        }
+        row_scale[cell] = rsqrtf(sum * inv_width(seg) + p.eps);
+      }
+    }
+    // Also keeps the next tile's warp_partial writes behind this tile's reads of them.
+    __syncthreads();
+
     if constexpr (kNormalizes) {
-      __syncthreads();
 #pragma unroll
       for (int k = 0; k < TPB; ++k) {
 #pragma unroll
@@ -183,14 +229,27 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
               load_weight<VEC>(s == 0 ? p.seg[0].weight : p.seg[1].weight,
                                s == 0 ? p.seg[0].weight_dtype : p.seg[1].weight_dtype, col[c], w);
             }
-            Vec<D, VEC> y;
+            V y;
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) y.set(i, x[k][c].get(i) * scale * w[i]);
+            for (int i = 0; i < VEC; ++i) y.set(i, cur[k][c].get(i) * scale * w[i]);
             y.store(out_base[c] + (t0 + k) * out_stride[c] + col[c]);
           }
         }
       }
     }
+    if constexpr (!kPipelined)
+      if (next < ntiles) load_tile(nxt, next);
+  };
+
+  // Two register buffers alternate roles; the loop is unrolled by two so indices stay static.
+  while (tile < ntiles) {
+    int next = tile + gridDim.x;
+    process_tile(xa, tile, xb, next);
+    tile = next;
+    if (tile >= ntiles) break;
+    next = tile + gridDim.x;
+    process_tile(xb, tile, xa, next);
+    tile = next;
   }
 
   if constexpr (MODE == ARMS_MODE_LAMPORT) {

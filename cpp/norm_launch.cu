@@ -143,7 +143,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
                                      : kernel_for<BF16>(wide, vpt, mode);
   const DeviceLimits limits = device_limits(a->device);
   const int coresident = blocks_per_sm(fn, block, a->device) * (limits.sms > 0 ? limits.sms : 1);
-  const int tpb_max = vpt >= 8 ? 1 : kRegisterVectors / vpt;
+  const int tpb_max = tile_tokens_max(vpt);
 
   KernelParams p = {};
   p.num_segments = a->num_segments;

@@ -26,6 +26,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Read a value another kernel on this device wrote: bypass L1, which is not coherent with
+// writes made by blocks on other SMs (a PDL-launched kernel may share an SM with the writer).
+// A plain load the compiler may schedule freely, unlike the asm loads below.
+__device__ __forceinline__ uint32_t load_l2(const uint32_t* p) { return __ldcg(p); }
+
+// Value of `v` in lane `src` of this warp.
+__device__ __forceinline__ float warp_shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+
 // ld/st.relaxed.sys: never served from a stale L1 line, and ordered with respect to other
 // system-scope operations on the same address. That is all the Lamport cells need, because every
 // cell is its own flag.

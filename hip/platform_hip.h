@@ -36,6 +36,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Read a value another kernel on this device wrote (device-scope, never a stale cache line).
+__device__ __forceinline__ uint32_t load_l2(const uint32_t* p) {
+#if __has_builtin(__hip_atomic_load)
+  return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+#endif
+}
+
+// Value of `v` in lane `src` of this wavefront.
+__device__ __forceinline__ float warp_shfl(float v, int src) { return __shfl(v, src); }
+
 // System-scope relaxed atomics: the load is re-issued to memory on every spin iteration and sees
 // writes that peers make over xGMI/PCIe into fine-grained memory.
 __device__ __forceinline__ uint32_t load_relaxed_sys(const uint32_t* p) {
