@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from allreduce_rms import bench, cli, report
+from distributed import run_ranks
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,7 @@ def test_quick_cpu_run_targets_not_measured_without_gpus(quick_run):
     assert [t["name"] for t in targets["rows"]] == [t["name"] for t in bench.TARGETS]
     assert all(t["status"] == "not measured" for t in targets["rows"])
     assert all("GPU" in t["text"] for t in targets["rows"])
+    assert "all not measured (T=1, T=64, T=1024, T=8192, T=16384, eager host overhead)" in quick_run[1]
 
 
 def test_report_renders_the_run(quick_run, tmp_path):
@@ -115,6 +117,45 @@ def test_report_rejects_a_file_that_is_not_results(tmp_path, capsys):
     assert report.main([str(bad)]) == 2
     assert "not an allreduce-rms results file" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+def _worker_with_failures(rank, world):
+    """The benchmark on 2 gloo ranks with two injected failures: fallback at T=1 fails on every
+    rank before it runs; unfused_eager at T=64 fails on rank 1 only, after its collectives."""
+    current = {}
+    real_method_fn, real_measure = bench._method_fn, bench._measure
+
+    def method_fn(method, ctx, spaces, symm, qkv, *args):
+        current["case"] = (method, qkv.shape[0])
+        if current["case"] == ("fallback", 1):
+            raise RuntimeError("injected on every rank")
+        return real_method_fn(method, ctx, spaces, symm, qkv, *args)
+
+    def measure(ctx, fn):
+        result = real_measure(ctx, fn)
+        if ctx.rank == 1 and current["case"] == ("unfused_eager", 64):
+            raise ValueError("injected on rank 1")
+        return result
+
+    bench._method_fn, bench._measure = method_fn, measure
+    cfg = bench.BenchConfig(device="cpu", tokens=(1, 64), shapes=("other",), methods=bench.METHODS, check=False,
+                            progress=False, iters=2, eager_calls=2, eager_iters=2, warmup=1)
+    return bench.run_rank(rank, world, cfg)
+
+
+def test_a_failing_method_is_recorded_and_the_run_goes_on():
+    results, other = run_ranks(_worker_with_failures, 2, timeout=120)
+    assert other is None  # only rank 0 reports
+    rows = {(r["method"], r["T"]): r for r in results["rows"]}
+    assert set(rows) == {(m, t) for m in ("fallback", "unfused_eager", "roofline") for t in (1, 64)}
+    assert rows[("fallback", 1)]["error"] == "RuntimeError: injected on every rank"
+    assert rows[("unfused_eager", 64)]["error"] == "rank 1: ValueError: injected on rank 1"
+    assert rows[("fallback", 1)]["eager_us"] is None and rows[("unfused_eager", 64)]["eager_us"] is None
+    for case in (("fallback", 64), ("unfused_eager", 1)):
+        assert rows[case]["error"] is None and rows[case]["eager_us"] > 0
+    text = report.render_text(results)
+    assert "errors:" in text and "other unfused_eager (T=64): rank 1: ValueError: injected on rank 1" in text
+    assert results["check"] is None and "correctness check: not run" in text
 
 
 # ----------------------------------------------------------------------------- arithmetic

@@ -21,6 +21,26 @@ Times are microseconds per call: ``graph_us`` is the median over several CUDA-gr
 back-to-back calls (GPU only); ``eager_us`` is host wall-clock per call of a tight eager loop
 synchronized at the end; ``host_us`` is the host time to enqueue one call (the eager host
 overhead). Any failure of one method at one T is recorded as that row's ``error``.
+
+Results (rank 0's return value; the CLI writes it with ``--json``)::
+
+    {"schema": 1, "card": "NVIDIA H200" | "cpu", "tp": 2, "device": "cuda" | "cpu",
+     "backend": "nccl" | "gloo", "torch": "2.11.0+cu130", "cuda": ..., "hip": ..., "dtype": "bf16",
+     "timing": "graph" | "eager",          # which column the tables and targets use
+     "copy_bandwidth_GBps": 4100.0,        # (bytes read + written) / time of a large copy
+     "shapes": {"minimax": {"q_heads", "kv_heads", "head_dim", "q_size", "kv_size"}, ...},
+     "tokens": [...], "methods": [measured methods], "skipped": [{"method", "reason"}],
+     "paths": {"fused": {"path", "reason"}, "fallback": {...}},
+     "check": {"passed", "tolerances", "tokens", "shapes",
+               "results": [{"path", "dtype", "max_rel_err", "worst_case", "tol", "passed", "error"}]},
+     "rows": [{"shape", "T", "method", "graph_us", "eager_us", "host_us", "error"}],
+              # roofline rows: the bound in graph_us (GPU) and eager_us, plus "bytes"
+     "ratios": [{"shape", "T", "fused_us", "fused_over_roofline", "baseline_over_fused": {method: x}}],
+     "targets": {"setup", "notes", "met", "missed",
+                 "rows": [{"name", "T", "kind", "limit", "unit", "measured", "status", "text", ...}]},
+     "config": {...}, "env": {...}, "elapsed_s": ...}
+
+All times are microseconds per call; values from the slowest rank.
 """
 
 from __future__ import annotations
@@ -583,6 +603,7 @@ def run_benchmark(ctx: _Rank, spaces: Dict[str, Any], methods: List[str], bandwi
                     row.update({k: (v if v >= 0 else None) for k, v in zip(keys, values)})
                 rows.append(row)
             del qkv, wq, wk
+    symm.buf = None  # free the symmetric buffer before the process group goes away
     if "fused" in spaces:
         try:
             spaces["fused"].synchronize()
@@ -752,7 +773,7 @@ def run_rank(rank: int, world: int, cfg: BenchConfig,
         "card": torch.cuda.get_device_name(device) if ctx.cuda else "cpu",
         "tp": world,
         "device": device.type,
-        "backend": "nccl" if ctx.cuda else ("gloo" if world > 1 else "none"),
+        "backend": "nccl" if ctx.cuda else "gloo",
         "torch": torch.__version__,
         "cuda": getattr(torch.version, "cuda", None),
         "hip": getattr(torch.version, "hip", None),

@@ -88,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check allreduce_rms.qk_norm against a float64 reference, then benchmark it against "
                     "unfused torch, torch.compile, symmetric-memory and the HBM roofline on MiniMax-M2 "
                     "shapes. Uses one process per visible GPU (NCCL), or 2 CPU ranks over gloo.",
-        epilog="examples:  allreduce-rms --quick | allreduce-rms --json r.json --plot r.png | "
-               "allreduce-rms --tokens 1,64,1024 --methods fused,unfused_eager --shape minimax",
+        epilog="examples:\n"
+               "  allreduce-rms --quick\n"
+               "  allreduce-rms --json results.json --plot results.png\n"
+               "  allreduce-rms --tokens 1,64,1024 --methods fused,unfused_eager --shape minimax\n"
+               "  python -m allreduce_rms.report results.json   # markdown table for the README",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--tokens", type=parse_tokens, help="token counts T, comma-separated "
                         f"(default {','.join(map(str, bench.DEFAULT_TOKENS))} on GPUs, "

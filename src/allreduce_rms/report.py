@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from .bench import BASELINES, SHAPES, TARGETS, compute_ratios, evaluate_targets
+from .bench import BASELINES, METHODS, SHAPES, TARGETS, compute_ratios, evaluate_targets
 
 
 def load(path: str) -> Dict[str, Any]:
@@ -217,7 +217,12 @@ def target_lines(targets: Dict[str, Any]) -> List[str]:
              f"{targets.get('met', 0)} met, {targets.get('missed', 0)} missed"]
     for note in targets.get("notes", []):
         lines.append(f"  note: {note}")
-    for entry in targets.get("rows", []):
+    rows = targets.get("rows", [])
+    whys = {e.get("why") for e in rows}
+    if rows and all(e["status"] == "not measured" for e in rows) and len(whys) == 1:
+        names = ", ".join(e["name"] for e in rows)
+        return lines + [f"  all not measured ({names}): {whys.pop()}"]
+    for entry in rows:
         ref = entry.get("reference_kernel_us")
         ref_text = f"  [TRT-LLM kernel {ref:g} us]" if ref else ""
         lines.append(f"  {entry['name']:<20} {entry['text']}{ref_text}")
@@ -306,12 +311,13 @@ def plot(results: Dict[str, Any], path: str) -> Optional[str]:
                 continue
             xs, ys = zip(*points)
             if method == "roofline":
-                ax.plot(xs, ys, linestyle="--", color="black", label="roofline (HBM)")
-            else:
-                ax.plot(xs, ys, marker="o", markersize=3, label=method)
-        for target in TARGETS:
-            if shape == "minimax" and "limit_us" in target and key == "graph_us":
-                ax.plot([target["T"]], [target["limit_us"]], marker="v", color="red", linestyle="none")
+                ax.plot(xs, ys, linestyle="--", color="black", label="roofline (copy bandwidth)")
+            else:  # one color per method in every panel
+                color = f"C{METHODS.index(method)}" if method in METHODS else None
+                ax.plot(xs, ys, marker="o", markersize=3, color=color, label=method)
+        limits = [(t["T"], t["limit_us"]) for t in TARGETS if "limit_us" in t]
+        if shape == "minimax" and key == "graph_us" and any((t, "fused") in by for t, _ in limits):
+            ax.plot(*zip(*limits), marker="v", color="red", linestyle="none", label="DESIGN.md target")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
