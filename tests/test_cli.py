@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -156,6 +157,109 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on():
     text = report.render_text(results)
     assert "errors:" in text and "other unfused_eager (T=64): rank 1: ValueError: injected on rank 1" in text
     assert results["check"] is None and "correctness check: not run" in text
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for the benchmark's GPU-only timing code to run on CPU tensors
+    (streams and graphs do nothing, events read the host clock): checks the plumbing, not torch."""
+
+    def __init__(self):
+        self.log = []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                fake.log.append("wait_stream")
+
+        class CUDAGraph:
+            def replay(self):
+                fake.log.append("replay")
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.t = None
+
+            def record(self):
+                self.t = time.perf_counter()
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3 + 1e-3
+
+        @contextlib.contextmanager
+        def stream(s):
+            yield
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode="global"):
+            fake.log.append(("capture", capture_error_mode))
+            yield
+
+        self.attrs = {"Stream": Stream, "CUDAGraph": CUDAGraph, "Event": Event, "stream": stream, "graph": graph,
+                      "synchronize": lambda device=None: None, "current_stream": lambda device=None: Stream()}
+
+
+def test_gpu_timing_code_runs_against_a_fake_cuda(monkeypatch):
+    import torch
+
+    from allreduce_rms import Workspace
+
+    fake = _FakeCuda()
+    for name, value in fake.attrs.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    cfg = bench.BenchConfig(device="cpu", tokens=(1, 8), shapes=("other",),
+                            methods=("fallback", "unfused_eager", "symm_mem_oneshot", "roofline"), iters=2,
+                            graph_calls=3, graph_replays=2, eager_calls=2, eager_iters=2, warmup=1)
+    ctx = bench._Rank(0, 1, torch.device("cpu"), cfg, None)
+    ctx.cuda = True  # take every GPU branch; the tensors stay on the CPU
+    bandwidth = bench.measure_copy_bandwidth(ctx, nbytes=1 << 16)
+    assert bandwidth > 0
+    rows = bench.run_benchmark(ctx, {"fallback": Workspace(device="cpu", path="fallback")},
+                               list(cfg.methods), bandwidth)
+    by = {(r["method"], r["T"]): r for r in rows}
+    for method in ("fallback", "unfused_eager"):
+        for tokens in (1, 8):
+            row = by[(method, tokens)]
+            assert row["error"] is None and row["graph_us"] > 0 and row["eager_us"] > 0 and row["host_us"] > 0
+    for tokens in (1, 8):  # torch.distributed is not initialized: recorded, and the run went on
+        assert by[("symm_mem_oneshot", tokens)]["error"].startswith("RuntimeError: symmetric memory unavailable")
+        assert by[("roofline", tokens)]["graph_us"] == by[("roofline", tokens)]["eager_us"] > 0
+    assert fake.log.count(("capture", "thread_local")) == 4  # 2 methods x 2 T
+    assert fake.log.count("replay") == 4 * cfg.iters * (1 + cfg.graph_replays)
+    results = bench.finalize({"tp": 1, "dtype": "bf16", "timing": "graph", "rows": rows, "skipped": [],
+                              "methods": list(cfg.methods)})
+    assert "other" in report.render_text(results)
+
+
+def test_compiled_baseline_is_built_lazily_with_room_for_every_shape(monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(bench, "_compiled", {})
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    stats_fn, normalize_fn = bench._compiled_parts()
+    assert callable(stats_fn) and callable(normalize_fn)
+    assert bench._compiled_parts() == (stats_fn, normalize_fn)  # built once
+    assert torch._dynamo.config.recompile_limit >= 64
+
+
+def test_unfused_baseline_matches_the_reference():
+    import torch
+
+    from allreduce_rms.fallback import rms_norm_reference
+
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, 64 + 2 * 32, generator=gen)
+    wq, wk = torch.rand(64, generator=gen) + 0.5, torch.rand(32, generator=gen) + 0.5
+    q, k = bench.unfused_qk_norm(qkv, wq, wk, 64, 32, world=1)
+    ref_q = rms_norm_reference([qkv[:, :64]], [wq], bench.EPS)[0]
+    ref_k = rms_norm_reference([qkv[:, 64:96]], [wk], bench.EPS)[0]
+    assert bench.relative_error(q, ref_q) < 1e-6 and bench.relative_error(k, ref_k) < 1e-6
 
 
 # ----------------------------------------------------------------------------- arithmetic

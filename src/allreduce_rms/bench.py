@@ -340,9 +340,10 @@ def check_correctness(ctx: _Rank, spaces: Dict[str, Any], fused_skip: Optional[s
 
 
 # ----------------------------------------------------------------------------- timing
-def measure_copy_bandwidth(ctx: _Rank) -> float:
-    """Device-to-device copy bandwidth in GB/s: (bytes read + bytes written) / time."""
-    nbytes = (512 << 20) if ctx.cuda else (32 << 20)
+def measure_copy_bandwidth(ctx: _Rank, nbytes: Optional[int] = None) -> float:
+    """Device-to-device copy bandwidth in GB/s: (bytes read + bytes written) / time of copies of
+    `nbytes` (default 512 MiB on GPUs, far beyond L2; 32 MiB on CPU)."""
+    nbytes = nbytes or ((512 << 20) if ctx.cuda else (32 << 20))
     reps = 10 if ctx.cuda else 4
     src = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device)
     src.fill_(1)
@@ -491,6 +492,10 @@ class _SymmMem:
                 warnings.simplefilter("ignore")
                 if hasattr(symm_mem, "enable_symm_mem_for_group"):
                     symm_mem.enable_symm_mem_for_group(group_name)
+            try:  # the CUDA (P2P + signal pad) backend, whose one-shot kernel is the baseline
+                symm_mem.set_backend("CUDA")
+            except Exception:  # older torch without backends, or one already chosen
+                pass
             buf = symm_mem.empty(max_tokens * 2, dtype=torch.float32, device=ctx.device)
             symm_mem.rendezvous(buf, group_name)
             buf.fill_(float(ctx.rank + 1))

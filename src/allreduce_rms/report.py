@@ -244,7 +244,7 @@ def render_text(results: Dict[str, Any]) -> str:
         out += ["", f"{_shape_words(results, shape)}  [{_timing_words(results)}]"]
         out.append(_text_table(*shape_table(results, shape)))
         if results.get("timing") == "graph":
-            out += ["", f"  eager: us per call (host enqueue us per call)"]
+            out += ["", "  eager: us per call (host enqueue us per call)"]
             out.append(_text_table(*eager_table(results, shape)))
         speed = speedup_table(results, shape)
         if speed:
