@@ -379,6 +379,14 @@ def test_module_entry_point_rejects_bad_arguments():
     assert "allreduce-rms: error: argument --tokens" in proc.stderr and "out of range" in proc.stderr
 
 
+def test_a_run_past_its_time_limit_fails_cleanly(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert cli.main(["--quick", "--cpu", "--no-progress", "--timeout", "1", "--json", str(path)]) == 1
+    assert "did not finish within the time limit" in capsys.readouterr().err
+    data = json.loads(path.read_text())
+    assert "did not finish" in data["error"] and data["tp"] == 2
+
+
 def _args(*argv):
     return cli.build_parser().parse_args(list(argv))
 
