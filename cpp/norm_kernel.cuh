@@ -22,11 +22,13 @@ namespace arms {
 
 constexpr int kMaxBlockThreads = 512;
 
-// Tokens per tile, at most, for VPT vectors per thread and token. Up to 4 vectors per thread the
-// kernel double-buffers: the next tile's loads are in flight while this tile's statistics cross
-// the interconnect, so the exchange latency hides behind memory traffic at large T.
-ARMS_HOST_DEVICE constexpr int tile_tokens_max(int vpt) { return vpt <= 4 ? (vpt >= 4 ? 1 : 4 / vpt) : 1; }
-ARMS_HOST_DEVICE constexpr bool tile_pipelined(int vpt) { return vpt <= 4; }
+// Tokens per tile, at most, for VPT vectors per thread and token: 8 vectors (32 registers of
+// activations) per thread. Large tiles mean fewer exchanges per block at large T; two blocks per
+// SM (the launch bound below) let one block's exchange overlap the other's memory traffic.
+// (Measured on H100, TP2, T=16384: double-buffered tiles of 4 tokens at one block per SM ran at
+// 2.1x the roofline, exchange-latency bound.)
+ARMS_HOST_DEVICE constexpr int tile_tokens_max(int vpt) { return vpt >= 8 ? 1 : 8 / vpt; }
+constexpr int kMinBlocksPerSm = 2;
 
 struct KernelSegment {
   const void* in;
@@ -51,11 +53,10 @@ struct KernelParams {
 };
 
 template <class D, int VEC, int VPT, int MODE>
-__global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel(const KernelParams p) {
   using S = typename D::storage;
   using V = Vec<D, VEC>;
   constexpr int TPB = tile_tokens_max(VPT);
-  constexpr bool kPipelined = tile_pipelined(VPT);
   constexpr int kWarp = platform::kWarpSize;
   constexpr int kMaxWarps = kMaxBlockThreads / kWarp;
   constexpr int kCells = TPB * ARMS_MAX_SEGMENTS;  // (token, segment) statistics per tile
@@ -77,24 +78,25 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   const int warp = tid / kWarp;
   const int nwarps = blockDim.x / kWarp;
 
-  // The columns this thread owns, resolved once (no dynamic indexing of the parameter struct).
+  // The columns this thread owns. Segment pointers and strides are read from the parameter
+  // bank at each use instead of being held in registers (two blocks per SM must fit).
   int seg_of[VPT];
-  int64_t col[VPT];
-  const S* in_base[VPT];
-  S* out_base[VPT];
-  int64_t in_stride[VPT];
-  int64_t out_stride[VPT];
+  int col[VPT];
 #pragma unroll
   for (int c = 0; c < VPT; ++c) {
     const int j = tid + c * blockDim.x;
     const int s = j < p.seg[0].vecs ? 0 : 1;
     seg_of[c] = j < p.row_vecs ? s : -1;
-    col[c] = static_cast<int64_t>(s == 0 ? j : j - p.seg[0].vecs) * VEC;
-    in_base[c] = static_cast<const S*>(s == 0 ? p.seg[0].in : p.seg[1].in);
-    out_base[c] = static_cast<S*>(s == 0 ? p.seg[0].out : p.seg[1].out);
-    in_stride[c] = s == 0 ? p.seg[0].in_stride : p.seg[1].in_stride;
-    out_stride[c] = s == 0 ? p.seg[0].out_stride : p.seg[1].out_stride;
+    col[c] = (s == 0 ? j : j - p.seg[0].vecs) * VEC;
   }
+  auto in_ptr = [&](int s, int token, int column) {
+    const KernelSegment& g = s == 0 ? p.seg[0] : p.seg[1];
+    return static_cast<const S*>(g.in) + token * g.in_stride + column;
+  };
+  auto out_ptr = [&](int s, int token, int column) {
+    const KernelSegment& g = s == 0 ? p.seg[0] : p.seg[1];
+    return static_cast<S*>(g.out) + token * g.out_stride + column;
+  };
 
   const int tpb = p.tokens_per_tile;
   const int ntiles = (p.tokens + tpb - 1) / tpb;
@@ -104,13 +106,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
     for (int k = 0; k < TPB; ++k)
 #pragma unroll
       for (int c = 0; c < VPT; ++c)
-        if (k < tpb && t0 + k < p.tokens && seg_of[c] >= 0) x[k][c].load(in_base[c] + (t0 + k) * in_stride[c] + col[c]);
+        if (k < tpb && t0 + k < p.tokens && seg_of[c] >= 0) x[k][c].load(in_ptr(seg_of[c], t0 + k, col[c]));
   };
 
-  V xa[TPB][VPT];
-  V xb[TPB][VPT];
+  V x[TPB][VPT];
   int tile = blockIdx.x;
-  if (tile < ntiles) load_tile(xa, tile);
+  if (tile < ntiles) load_tile(x, tile);
 
   float weight[kCacheWeights ? VPT : 1][kCacheWeights ? VEC : 1];
   if constexpr (kCacheWeights) {
@@ -138,10 +139,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
 
   auto inv_width = [&](int s) { return s == 0 ? p.seg[0].inv_full_width : p.seg[1].inv_full_width; };
 
-  // One tile: statistics, exchange, normalize `cur`; meanwhile the loads of `nxt` are in flight.
-  auto process_tile = [&](auto& cur, int tile, auto& nxt, int next) {
-    if constexpr (kPipelined)
-      if (next < ntiles) load_tile(nxt, next);
+  // One tile: statistics, exchange, normalize; then the next tile's loads.
+  auto process_tile = [&](auto& cur, int tile, int next) {
     const int t0 = tile * tpb;
 
     if constexpr (kSums) {
@@ -194,6 +193,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
         if (active && r == 0) row_scale[cell] = rsqrtf(total * inv_width(seg) + p.eps);
       }
     } else {
+      // STATS_IN has no barrier above: keep this tile's row_scale writes behind the previous
+      // tile's reads of it.
+      if constexpr (!kSums) __syncthreads();
       const int cell = tid;
       const int token = t0 + cell / ARMS_MAX_SEGMENTS;
       const int seg = cell % ARMS_MAX_SEGMENTS;
@@ -232,25 +234,15 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
             V y;
 #pragma unroll
             for (int i = 0; i < VEC; ++i) y.set(i, cur[k][c].get(i) * scale * w[i]);
-            y.store(out_base[c] + (t0 + k) * out_stride[c] + col[c]);
+            y.store(out_ptr(seg_of[c], t0 + k, col[c]));
           }
         }
       }
     }
-    if constexpr (!kPipelined)
-      if (next < ntiles) load_tile(nxt, next);
+    if (next < ntiles) load_tile(cur, next);
   };
 
-  // Two register buffers alternate roles; the loop is unrolled by two so indices stay static.
-  while (tile < ntiles) {
-    int next = tile + gridDim.x;
-    process_tile(xa, tile, xb, next);
-    tile = next;
-    if (tile >= ntiles) break;
-    next = tile + gridDim.x;
-    process_tile(xb, tile, xa, next);
-    tile = next;
-  }
+  for (; tile < ntiles; tile += gridDim.x) process_tile(x, tile, tile + gridDim.x);
 
   if constexpr (MODE == ARMS_MODE_LAMPORT) {
     if (!failed) finish_launch(p.lamport, epoch, p.tokens);
