@@ -287,7 +287,7 @@ def _synthetic(fused, roof, extra=()):
         rows.append({"shape": "minimax", "T": tokens, "method": "roofline", "graph_us": value, "eager_us": value,
                      "host_us": None, "error": None})
     rows += list(extra)
-    return {"tp": 2, "dtype": "bf16", "timing": "graph", "card": "test", "torch": "x", "methods": list(bench.METHODS),
+    return {"tp": 2, "dtype": "bf16", "timing": "graph", "card": "NVIDIA H200", "torch": "x", "methods": list(bench.METHODS),
             "skipped": [], "rows": rows, "copy_bandwidth_GBps": 4000.0}
 
 
@@ -317,6 +317,8 @@ def test_targets_note_another_setup():
     results["tp"] = 4
     targets = bench.evaluate_targets(results)
     assert targets["notes"] and "tp 4" in targets["notes"][0]
+    results["card"] = "NVIDIA H100 80GB HBM3"
+    assert "set on 2x H200" in bench.evaluate_targets(results)["notes"][-1]
 
 
 def test_markdown_has_target_and_ratio_columns():

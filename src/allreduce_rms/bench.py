@@ -670,6 +670,9 @@ def evaluate_targets(results: Dict[str, Any]) -> Dict[str, Any]:
         notes.append("this run's " + ", ".join(differs) + ": absolute limits are for reference only")
     if timing != "graph":
         notes.append("no CUDA-graph timings in this run")
+    elif "H200" not in str(results.get("card", "")):
+        notes.append(f"the absolute limits were set on 2x H200; this run is on {results.get('card')}: "
+                     "compare the x-roofline rows and the ratios")
     fused_skip = next((s["reason"] for s in results.get("skipped", []) if s["method"] == "fused"), None)
     rows = []
     for target in TARGETS:

@@ -235,7 +235,7 @@ def render_text(results: Dict[str, Any]) -> str:
     out = [f"allreduce-rms benchmark: {_title(results)}",
            f"copy bandwidth: {results.get('copy_bandwidth_GBps', 0):.1f} GB/s (roofline = 2*T*(q+k)*bytes / that)"]
     for name, info in (results.get("paths") or {}).items():
-        out.append(f"{name} workspace: {info.get('path')} ({info.get('reason')})")
+        out.append(f"{name} workspace: {info.get('path') or 'unavailable'} ({info.get('reason')})")
     out.append("")
     out += check_lines(results.get("check"))
     for skip in results.get("skipped", []):
