@@ -10,6 +10,9 @@ Quick start (one process per GPU, torch.distributed initialized)::
 from ._native import backends
 from .ops import qk_norm, rms_norm
 from .workspace import Workspace, WorkspaceError, workspace_for
+from . import custom_ops  # registers torch.ops.allreduce_rms.* (import order: after ops)
+from .modules import TPQKNorm, TPRMSNorm
 
-__all__ = ["Workspace", "WorkspaceError", "backends", "qk_norm", "rms_norm", "workspace_for"]
+__all__ = ["TPQKNorm", "TPRMSNorm", "Workspace", "WorkspaceError", "backends", "custom_ops", "qk_norm", "rms_norm",
+           "workspace_for"]
 __version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The ops as ``torch.library`` custom ops, so that ``torch.compile`` traces them as single nodes.
+
+Registered at ``import allreduce_rms``, namespace ``allreduce_rms``::
+
+    rms_norm(Tensor x, Tensor weight, float eps, str workspace) -> Tensor
+    qk_norm(Tensor qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, float eps,
+            str workspace) -> (Tensor, Tensor)
+    qk_norm_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size,
+             float eps, str workspace) -> ()          # in place: writes q and k back into qkv
+
+A workspace is named by its :attr:`Workspace.key` (``""``: no workspace, plain local norm);
+the implementation finds it with :func:`allreduce_rms.workspace.lookup` at every call. Each op
+has a fake implementation that only validates and allocates, so graphs trace with symbolic
+token counts (``mark_dynamic`` on dim 0) and without graph breaks. The ops have no autograd
+formula: call them on tensors that do not require grad (inference, ``torch.no_grad()``).
+
+Eager versus traced dispatch
+----------------------------
+Dispatching through ``torch.library`` costs several microseconds per call, more than the fused
+kernel itself for decode-sized inputs. So the eager entry points stay the plain Python
+functions: ``allreduce_rms.rms_norm`` *is* :func:`allreduce_rms.ops.rms_norm`, with no wrapper
+and no ``is_compiling()`` test in its path. For tracing, this module registers :func:`rms_norm`
+and :func:`qk_norm` below -- same signatures, bodies that call the custom ops -- as Dynamo
+substitutes (``torch.compiler.substitute_in_graph``) of the eager functions. When Dynamo meets
+``ops.rms_norm`` (under ``torch.compile`` or ``torch.export``), it traces the substitute, so
+the graph holds one ``torch.ops.allreduce_rms.rms_norm`` node; eager calls never see it.
+
+The substitutes are public too (``allreduce_rms.custom_ops.rms_norm``), for tracers that do not
+go through Dynamo (``make_fx``) and for code that wants the custom op explicitly. On a torch
+without ``substitute_in_graph`` (before 2.5) only these explicit forms trace.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import ops
+from .workspace import Workspace, lookup
+
+__all__ = ["qk_norm", "rms_norm"]
+
+_NAMESPACE = "allreduce_rms"
+
+
+def _workspace(key: str) -> Optional[Workspace]:
+    return lookup(key) if key else None
+
+
+def _check_qk(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int) -> None:
+    """The checks of ops.qk_norm that can run on fake tensors (same messages as eager)."""
+    ops._check_tensor("qkv", qkv)
+    if qkv.shape[-1] != q_size + 2 * kv_size:
+        raise ValueError(f"qkv: last dimension is {qkv.shape[-1]}, but q_size + 2*kv_size = "
+                         f"{q_size} + 2*{kv_size} = {q_size + 2 * kv_size}")
+    ops._check_weight("q_weight", q_weight, q_size, qkv)
+    ops._check_weight("k_weight", k_weight, kv_size, qkv)
+
+
+# ------------------------------------------------------------------------- the custom ops
+@torch.library.custom_op(f"{_NAMESPACE}::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, workspace: str) -> torch.Tensor:
+    return ops.rms_norm(x, weight, eps, _workspace(workspace))
+
+
+@_rms_norm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float, workspace: str) -> torch.Tensor:
+    ops._check_tensor("x", x)
+    ops._check_weight("weight", weight, x.shape[-1], x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # what ops.rms_norm returns
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::qk_norm", mutates_args=())
+def _qk_norm_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int,
+                eps: float, workspace: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, _workspace(workspace))
+
+
+@_qk_norm_op.register_fake
+def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int, eps: float,
+      workspace: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
+    lead = tuple(qkv.shape[:-1])
+    return qkv.new_empty(lead + (q_size,)), qkv.new_empty(lead + (kv_size,))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::qk_norm_", mutates_args=("qkv",))
+def _qk_norm_inplace_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int,
+                        kv_size: int, eps: float, workspace: str) -> None:
+    ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, _workspace(workspace), inplace=True)
+
+
+@_qk_norm_inplace_op.register_fake
+def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int, eps: float,
+      workspace: str) -> None:
+    _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
+
+
+# ------------------------------------------------------------------------- traceable entry points
+def _key(workspace: Optional[Workspace]) -> str:
+    if workspace is None:
+        return ""
+    if not isinstance(workspace, Workspace):
+        raise ValueError(f"workspace: expected an allreduce_rms.Workspace, got {type(workspace).__name__}")
+    return workspace.key
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`allreduce_rms.rms_norm` through ``torch.ops.allreduce_rms.rms_norm`` (traceable).
+
+    Same arguments, result and errors as the eager function; ``out`` is filled by a copy.
+    """
+    y = torch.ops.allreduce_rms.rms_norm(x, weight, float(eps), _key(workspace))
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def qk_norm(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    q_size: int,
+    kv_size: int,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    inplace: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`allreduce_rms.qk_norm` through ``torch.ops.allreduce_rms.qk_norm`` / ``qk_norm_``.
+
+    Same arguments, result and errors as the eager function; ``inplace=True`` uses the mutating
+    op and returns views of qkv's q and k columns.
+    """
+    key = _key(workspace)
+    if not inplace:
+        return torch.ops.allreduce_rms.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, float(eps), key)
+    torch.ops.allreduce_rms.qk_norm_(qkv, q_weight, k_weight, q_size, kv_size, float(eps), key)
+    return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size]
+
+
+def _register_substitutes() -> bool:
+    """Make Dynamo trace rms_norm/qk_norm above wherever it meets the eager ops.* functions."""
+    substitute = getattr(torch.compiler, "substitute_in_graph", None)
+    if substitute is None:  # torch < 2.5: only the explicit custom_ops.* forms trace
+        return False
+    for eager, traced in ((ops.rms_norm, rms_norm), (ops.qk_norm, qk_norm)):
+        try:
+            substitute(eager)(traced)
+        except ValueError:  # already registered (a reloaded module): keep the first one
+            pass
+    return True
+
+
+SUBSTITUTED = _register_substitutes()

@@ -1,0 +1,228 @@
+"""``nn.Module`` wrappers: a tensor-parallel RMSNorm and QK-norm holding this rank's weight shards.
+
+Each module keeps its weight shard(s) as Parameters and the group's :class:`Workspace`, and
+calls :func:`allreduce_rms.rms_norm` / :func:`allreduce_rms.qk_norm` in ``forward``: the plain
+eager functions when run eagerly, the custom ops when traced by ``torch.compile`` (see
+:mod:`allreduce_rms.custom_ops`). The weights are created with ``requires_grad=False``: the ops
+have no autograd formula.
+
+Building them is collective when a process group with several ranks is given (the workspace is
+created or fetched with :func:`workspace_for`): every rank of the group must build its modules
+in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+from .workspace import Workspace, workspace_for
+
+__all__ = ["TPQKNorm", "TPRMSNorm"]
+
+GroupOrWorkspace = Union[dist.ProcessGroup, Workspace, None]
+
+
+def _resolve_workspace(group: GroupOrWorkspace, device: Optional[Union[torch.device, str, int]]) -> Workspace:
+    """The workspace to use: `group` itself when it is one, else the cached one of the group."""
+    if isinstance(group, Workspace):
+        return group
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group: expected a torch.distributed.ProcessGroup, an allreduce_rms.Workspace or None, "
+                         f"got {type(group).__name__}")
+    return workspace_for(group, device=device)
+
+
+def _shard(name: str, full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s equal slice of the 1-D tensor `full` (a copy)."""
+    if not isinstance(full, torch.Tensor) or full.dim() != 1:
+        shape = tuple(full.shape) if isinstance(full, torch.Tensor) else type(full).__name__
+        raise ValueError(f"{name}: expected a 1-D tensor (the full weight), got {shape}")
+    if full.shape[0] % world_size:
+        raise ValueError(f"{name}: its {full.shape[0]} elements cannot be split into {world_size} equal shards")
+    width = full.shape[0] // world_size
+    return full[rank * width:(rank + 1) * width].detach().clone()
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+
+
+def _check_group(rank: int, world_size: int, ws: Workspace) -> None:
+    if (ws.rank, ws.world_size) != (rank, world_size):
+        raise ValueError(f"rank={rank}, world_size={world_size} do not match the group: this process is rank "
+                         f"{ws.rank} of {ws.world_size}")
+
+
+def _check_size(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class TPRMSNorm(nn.Module):
+    """RMSNorm over a row of width ``world_size * size`` of which this rank holds ``size`` columns.
+
+    Args:
+        size: this rank's width W (its share of the normalized dimension).
+        eps: added to the mean square.
+        group: the tensor-parallel ProcessGroup, or a ready :class:`Workspace`, or None for the
+            default group (the world group when torch.distributed is initialized, else a single
+            rank: a plain RMSNorm).
+        dtype, device: of the weight (default: float32, the current device of the workspace).
+
+    Attributes:
+        weight: Parameter [W], initialized to ones.
+        workspace: the group's :class:`Workspace`.
+
+    Shapes: ``forward(x)`` takes x of shape [..., W] (float32/float16/bfloat16, unit stride in the
+    last dimension) and returns the normalized tensor of the same shape and dtype.
+
+    Raises:
+        ValueError: a bad argument (the message names it); forward raises as :func:`rms_norm`.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        eps: float = 1e-6,
+        group: GroupOrWorkspace = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str, int]] = None,
+    ) -> None:
+        super().__init__()
+        _check_size("size", size)
+        self.workspace = _resolve_workspace(group, device)
+        self.eps = float(eps)
+        factory = {"dtype": dtype or torch.float32, "device": device if device is not None else self.workspace.device}
+        self.weight = nn.Parameter(torch.ones(size, **factory), requires_grad=False)
+
+    @classmethod
+    def from_full_weight(
+        cls,
+        weight: torch.Tensor,
+        rank: int,
+        world_size: int,
+        group: GroupOrWorkspace = None,
+        eps: float = 1e-6,
+    ) -> "TPRMSNorm":
+        """The module of rank `rank` of `world_size`, holding its equal shard of `weight`.
+
+        Args:
+            weight: the full [world_size * W] weight (any device/dtype; the shard keeps both).
+            rank, world_size: this rank's place in the group; must match `group`.
+            group, eps: as in the constructor.
+
+        Raises:
+            ValueError: `weight` is not 1-D or its length is not divisible by `world_size`, or
+                rank/world_size are out of range or differ from the group's.
+        """
+        _check_rank(rank, world_size)
+        shard = _shard("weight", weight, rank, world_size)
+        ws = _resolve_workspace(group, weight.device)
+        _check_group(rank, world_size, ws)
+        module = cls(shard.shape[0], eps, ws, dtype=shard.dtype, device=shard.device)
+        module.weight.data.copy_(shard)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.workspace)
+
+    def extra_repr(self) -> str:
+        return (f"size={self.weight.shape[0]}, eps={self.eps}, rank={self.workspace.rank}, "
+                f"world_size={self.workspace.world_size}, path={self.workspace.path!r}")
+
+
+class TPQKNorm(nn.Module):
+    """QK-norm of a tensor-parallel attention layer: q and k each normalized over all heads.
+
+    Args:
+        q_size: this rank's q width (its q heads x head_dim); kv_size: its k width.
+        eps: added to each mean square.
+        group: the tensor-parallel ProcessGroup, a :class:`Workspace`, or None (as :class:`TPRMSNorm`).
+        dtype, device: of the weights (default: float32, the device of the workspace).
+
+    Attributes:
+        q_weight: Parameter [q_size]; k_weight: Parameter [kv_size]; both initialized to ones.
+        workspace: the group's :class:`Workspace`.
+
+    Shapes: ``forward(qkv, inplace=False)`` takes qkv of shape [..., q_size + 2*kv_size] (q | k | v
+    columns of this rank, float32/float16/bfloat16) and returns (q [..., q_size], k [..., kv_size])
+    in qkv's dtype -- new tensors, or views of qkv written in place when ``inplace``.
+
+    Raises:
+        ValueError: a bad argument (the message names it); forward raises as :func:`qk_norm`.
+    """
+
+    def __init__(
+        self,
+        q_size: int,
+        kv_size: int,
+        eps: float = 1e-6,
+        group: GroupOrWorkspace = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str, int]] = None,
+    ) -> None:
+        super().__init__()
+        _check_size("q_size", q_size)
+        _check_size("kv_size", kv_size)
+        self.workspace = _resolve_workspace(group, device)
+        self.q_size, self.kv_size, self.eps = q_size, kv_size, float(eps)
+        factory = {"dtype": dtype or torch.float32, "device": device if device is not None else self.workspace.device}
+        self.q_weight = nn.Parameter(torch.ones(q_size, **factory), requires_grad=False)
+        self.k_weight = nn.Parameter(torch.ones(kv_size, **factory), requires_grad=False)
+
+    @classmethod
+    def from_full_weight(
+        cls,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        rank: int,
+        world_size: int,
+        group: GroupOrWorkspace = None,
+        eps: float = 1e-6,
+    ) -> "TPQKNorm":
+        """The module of rank `rank`, holding its equal shards of the full q and k weights.
+
+        Args:
+            q_weight: the full [num_heads * head_dim] q weight; k_weight: the full
+                [num_kv_heads * head_dim] k weight (same device and dtype as q_weight).
+            rank, world_size: this rank's place in the group; must match `group`.
+            group, eps: as in the constructor.
+
+        Raises:
+            ValueError: a weight is not 1-D or its length is not divisible by `world_size` (the
+                message names it), the weights differ in device or dtype, or rank/world_size are
+                out of range or differ from the group's.
+        """
+        _check_rank(rank, world_size)
+        q_shard = _shard("q_weight", q_weight, rank, world_size)
+        k_shard = _shard("k_weight", k_weight, rank, world_size)
+        if (k_shard.dtype, k_shard.device) != (q_shard.dtype, q_shard.device):
+            raise ValueError(f"k_weight: dtype {k_shard.dtype} on {k_shard.device} differs from q_weight's "
+                             f"{q_shard.dtype} on {q_shard.device}")
+        ws = _resolve_workspace(group, q_weight.device)
+        _check_group(rank, world_size, ws)
+        module = cls(q_shard.shape[0], k_shard.shape[0], eps, ws, dtype=q_shard.dtype, device=q_shard.device)
+        module.q_weight.data.copy_(q_shard)
+        module.k_weight.data.copy_(k_shard)
+        return module
+
+    def forward(self, qkv: torch.Tensor, inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        return ops.qk_norm(qkv, self.q_weight, self.k_weight, self.q_size, self.kv_size, self.eps, self.workspace,
+                           inplace=inplace)
+
+    def extra_repr(self) -> str:
+        return (f"q_size={self.q_size}, kv_size={self.kv_size}, eps={self.eps}, rank={self.workspace.rank}, "
+                f"world_size={self.workspace.world_size}, path={self.workspace.path!r}")
