@@ -158,14 +158,16 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
           }
         }
       }
+      // A guard rather than early exits: clang will not unroll a loop that breaks around a
+      // cross-lane shuffle, and acc[][] would then live in scratch memory on AMD.
 #pragma unroll
       for (int k = 0; k < TPB; ++k) {
-        if (k >= tpb) break;
 #pragma unroll
         for (int s = 0; s < ARMS_MAX_SEGMENTS; ++s) {
-          if (s >= p.num_segments) break;
-          const float v = platform::warp_sum(acc[k][s]);
-          if (lane == 0) warp_partial[warp][k * ARMS_MAX_SEGMENTS + s] = v;
+          if (k < tpb && s < p.num_segments) {
+            const float v = platform::warp_sum(acc[k][s]);
+            if (lane == 0) warp_partial[warp][k * ARMS_MAX_SEGMENTS + s] = v;
+          }
         }
       }
       __syncthreads();
