@@ -12,10 +12,27 @@ pick the fused path while a peer picks the fallback:
 * ``fallback`` -- anything else (several hosts, PCIe without P2P, CPU tensors, a failed check):
                   local kernel -> ``torch.distributed.all_reduce`` (NCCL/RCCL/gloo) -> local kernel.
 
+The ranks also agree on the creation arguments: ranks that pass different ``max_tokens`` or
+``chunking``, or force conflicting paths, all raise ValueError naming the rank that differs,
+instead of some of them waiting forever in a collective the others never join. The reason for a
+fallback names the first fact that rules the fused path out, in this order: a forced path, more
+than 8 ranks, ranks on several hosts, a rank without a GPU backend, a shared GPU, missing peer
+access, IPC failure, the functional check.
+
 Environment: ``ALLREDUCE_RMS_PATH=fused|fallback`` forces a path (fused still fails loudly if it
 cannot work); ``ALLREDUCE_RMS_TIMEOUT_MS`` bounds every spin (default 10000);
 ``ALLREDUCE_RMS_DEBUG_DROP_PEER_WRITES=1`` makes the functional check drop its peer writes, to
 show that a link which reports P2P but loses writes ends on the fallback instead of hanging.
+
+Fork: a workspace belongs to the process that created it. A child made by ``os.fork`` (or a
+``fork``-start multiprocessing worker) inherits a copy of the Python object but not what stands
+behind it: CUDA contexts do not survive fork, the IPC mappings of peer buffers are not valid in
+the child, and the child is not a member of the parent's process group. Every op called with an
+inherited workspace therefore raises WorkspaceError (a cheap pid comparison per call), as do
+:meth:`Workspace.check_usable`, :meth:`Workspace.synchronize` and :func:`workspace_for` in the
+child. ``close()`` and garbage collection in the child only mark the copy closed; they never
+touch the parent's buffers. A child that needs the op must join its own process group and create
+its own workspace (use the ``spawn`` start method for GPU work).
 """
 
 from __future__ import annotations
@@ -45,6 +62,21 @@ _registry: "weakref.WeakValueDictionary[str, Workspace]" = weakref.WeakValueDict
 _cache: Dict[Tuple[Any, ...], "Workspace"] = {}
 _counter = 0
 _lock = threading.Lock()
+_pid = os.getpid()  # this process's id, refreshed in fork children: a per-call check costs no syscall
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def current_pid() -> int:
+    """This process's id (cached; kept right across os.fork)."""
+    return _pid
 
 
 def _hostname() -> str:
@@ -53,12 +85,25 @@ def _hostname() -> str:
 
 
 def _env_timeout_ms() -> int:
-    value = os.environ.get("ALLREDUCE_RMS_TIMEOUT_MS")
-    return int(value) if value else DEFAULT_TIMEOUT_MS
+    value = os.environ.get("ALLREDUCE_RMS_TIMEOUT_MS", "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_MS
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"ALLREDUCE_RMS_TIMEOUT_MS must be an integer number of milliseconds, got {value!r}") from None
+
+
+def _env_path() -> Optional[str]:
+    value = os.environ.get("ALLREDUCE_RMS_PATH", "").strip().lower()
+    if value and value not in PATHS:
+        raise ValueError(f"ALLREDUCE_RMS_PATH must be one of {PATHS} or empty, got {value!r}")
+    return value or None
 
 
 class WorkspaceError(RuntimeError):
-    """A workspace was used in a way it cannot serve (closed, other group, other device)."""
+    """A workspace was used in a way it cannot serve (closed, inherited across fork, or a forced
+    fused path that cannot work)."""
 
 
 class Workspace:
@@ -96,11 +141,11 @@ class Workspace:
         chunking: bool = True,
     ) -> None:
         global _counter
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        requested = path if path is not None else os.environ.get("ALLREDUCE_RMS_PATH") or None
-        if requested is not None and requested not in PATHS:
-            raise ValueError(f"path must be one of {PATHS} or None, got {requested!r}")
+        if path is not None and path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+        requested = path if path is not None else _env_path()
         self.timeout_ms = int(timeout_ms) if timeout_ms is not None else _env_timeout_ms()
         if self.timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {self.timeout_ms}")
@@ -111,18 +156,19 @@ class Workspace:
         self.group = group
         self.world_size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
-        self.max_tokens = max_tokens + (max_tokens % 2)  # the kernel wants an even slot size
-        self.chunking = chunking
+        if self.rank < 0 or self.world_size < 1:
+            raise ValueError("group: this process is not a member of the group (dist.new_group returns a "
+                             "placeholder on non-members); create the workspace only on the group's ranks")
+        self.max_tokens = max_tokens
+        self._slot_tokens = max_tokens + (max_tokens % 2)  # the kernel wants an even slot size
+        self.chunking = bool(chunking)
         self.device = _resolve_device(device)
         self._native: Any = None
         self._closed = False
+        self._pid = _pid
         with _lock:
             _counter += 1
             self.key = f"ws{_counter}"
-        if self.world_size > MAX_FUSED_RANKS:
-            if requested == "fused":
-                raise ValueError(f"the fused path supports at most 8 ranks, the group has {self.world_size}")
-            requested = "fallback"
 
         if self.world_size == 1:
             self.path, self.reason = "local", "one rank: no communication"
@@ -142,12 +188,53 @@ class Workspace:
         return True, ""
 
     def _choose_path(self, requested: Optional[str]) -> Tuple[str, str]:
-        if requested == "fallback":
-            return "fallback", "forced (path='fallback' or ALLREDUCE_RMS_PATH)"
-        ok, why = self._local_facts()
-        ok, why = self._agree(ok, why)
+        # One all-gather of everything each rank knows alone. Every decision below is taken from
+        # the same gathered list on every rank, so all ranks raise together or none does, and
+        # all run the same collectives afterwards (a rank that decided alone could leave its
+        # peers waiting in a collective it never joins).
+        try:
+            local_ok, local_why = (True, "") if requested == "fallback" else self._local_facts()
+        except Exception as exc:  # this rank must still reach the all-gather below
+            local_ok, local_why = False, f"backend check failed: {exc}"
+        mine = {"requested": requested, "max_tokens": self.max_tokens, "chunking": self.chunking,
+                "host": _hostname(), "device": (self.device.type, self.device.index),
+                "ok": local_ok, "why": local_why}
+        facts: List[Any] = [None] * self.world_size
+        dist.all_gather_object(facts, mine, group=self.group)
+
+        for name in ("max_tokens", "chunking"):
+            for r, f in enumerate(facts):
+                if f[name] != facts[0][name]:
+                    raise ValueError(f"allreduce_rms: Workspace arguments differ across ranks: rank {r} passed "
+                                     f"{name}={f[name]!r}, rank 0 passed {name}={facts[0][name]!r}")
+        requests = [f["requested"] for f in facts]
+        if "fused" in requests and "fallback" in requests:
+            raise ValueError(f"allreduce_rms: ranks force different paths (path= or ALLREDUCE_RMS_PATH): rank "
+                             f"{requests.index('fused')} asks for 'fused', rank {requests.index('fallback')} for 'fallback'")
+        if "fallback" in requests:
+            forcing = [r for r, q in enumerate(requests) if q == "fallback"]
+            who = "" if len(forcing) == self.world_size else f" by rank(s) {forcing}"
+            return "fallback", f"forced{who} (path='fallback' or ALLREDUCE_RMS_PATH)"
+        forced = "fused" in requests
+
+        ok, why = True, ""
+        hosts = sorted({f["host"] for f in facts})
+        if self.world_size > MAX_FUSED_RANKS:
+            ok, why = False, f"the group has {self.world_size} ranks; the fused path supports at most {MAX_FUSED_RANKS}"
+        elif len(hosts) > 1:
+            per_host = {h: [r for r, f in enumerate(facts) if f["host"] == h] for h in hosts}
+            ok, why = False, (f"ranks span {len(hosts)} hosts ({per_host}): multi-node TP goes through the "
+                              "collective library")
+        else:
+            bad = [r for r, f in enumerate(facts) if not f["ok"]]
+            devices = [f["device"] for f in facts]
+            if bad:
+                ok, why = False, f"rank {bad[0]}: {facts[bad[0]]['why']}"
+            elif len(set(devices)) != len(devices):
+                ok, why = False, "several ranks share one GPU"
+        # From here on each rank learns something only it can see; _agree shares it.
         if ok:
-            ok, why = self._same_host()
+            ok, why = self._agree(*self._peer_access([f["device"][1] for f in facts]))
         if ok:
             ok, why = self._agree(*self._open_native())
         if ok:
@@ -155,8 +242,8 @@ class Workspace:
         if ok:
             return "fused", "one P2P domain; functional peer check passed"
         self._release_native()
-        if requested == "fused":
-            raise RuntimeError(f"allreduce_rms: the fused path was forced but cannot work: {why}")
+        if forced:
+            raise WorkspaceError(f"allreduce_rms: the fused path was forced but cannot work: {why}")
         return "fallback", why
 
     def _local_facts(self) -> Tuple[bool, str]:
@@ -167,24 +254,20 @@ class Workspace:
             return False, f"no GPU backend: {error}"
         return True, ""
 
-    def _same_host(self) -> Tuple[bool, str]:
-        facts: List[Any] = [None] * self.world_size
-        dist.all_gather_object(facts, (_hostname(), self.device.index), group=self.group)
-        hosts = {h for h, _ in facts}
-        if len(hosts) > 1:
-            return False, f"ranks span {len(hosts)} hosts: multi-node TP goes through the collective library"
-        devices = [d for _, d in facts]
-        if len(set(devices)) != len(devices):
-            return False, "several ranks share one GPU"
-        missing = [p for p in devices if p != self.device.index and not torch.cuda.can_device_access_peer(self.device.index, p)]
-        why = f"no peer access from GPU {self.device.index} to GPU(s) {missing}" if missing else ""
-        return self._agree(not missing, why)
+    def _peer_access(self, devices: List[Optional[int]]) -> Tuple[bool, str]:
+        """Whether this rank's GPU reports peer access to every other rank's GPU (one host)."""
+        try:
+            missing = [p for p in devices
+                       if p != self.device.index and not torch.cuda.can_device_access_peer(self.device.index, p)]
+        except Exception as exc:  # this rank must still reach the agreement that follows
+            return False, f"peer access query failed: {exc}"
+        return (False, f"no peer access from GPU {self.device.index} to GPU(s) {missing}") if missing else (True, "")
 
     def _open_native(self) -> Tuple[bool, str]:
         handle = b""
         try:
             self._native = _native.front().NativeWorkspace(
-                _native.dl_device_type(), self.device.index, self.rank, self.world_size, self.max_tokens,
+                _native.dl_device_type(), self.device.index, self.rank, self.world_size, self._slot_tokens,
                 self.timeout_ms * 1_000_000,
             )
             handle = self._native.ipc_handle()
@@ -224,9 +307,15 @@ class Workspace:
 
     # ---------------------------------------------------------------- use
     def check_usable(self) -> None:
-        """Raise if this workspace is closed or has recorded a peer timeout."""
+        """Raise WorkspaceError if this workspace is closed or was inherited across fork, and
+        TimeoutError if it has recorded a peer timeout."""
+        if self._pid != _pid:
+            raise WorkspaceError(
+                f"allreduce_rms: workspace {self.key} was created in process {self._pid} and used in process "
+                f"{_pid} (a fork child): CUDA contexts and IPC mappings do not survive fork; create a new "
+                "workspace in this process")
         if self._closed:
-            raise WorkspaceError("allreduce_rms: workspace used after close()")
+            raise WorkspaceError(f"allreduce_rms: workspace {self.key} used after close()")
         if self._native is not None:
             fault = self._native.fault()
             if fault["failed"]:
@@ -234,6 +323,8 @@ class Workspace:
 
     def synchronize(self) -> None:
         """Wait for this rank's queued work and raise TimeoutError if a peer never wrote."""
+        if self._pid != _pid:
+            self.check_usable()  # raises before touching a CUDA context the fork child lacks
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.check_usable()
@@ -252,10 +343,13 @@ class Workspace:
 
     def close(self) -> None:
         """Free the buffers. Collective on the fused path: every rank's kernels must be done
-        before any rank frees the memory its peers write into."""
+        before any rank frees the memory its peers write into. Idempotent. In a fork child it
+        only marks the inherited copy closed."""
         if self._closed:
             return
-        if self._native is not None:
+        if self._pid != _pid:
+            self._native = None  # the parent's buffers: not ours to free, and not reachable here
+        elif self._native is not None:
             torch.cuda.synchronize(self.device)
             dist.barrier(group=self.group)
             self._release_native()
@@ -273,7 +367,7 @@ class Workspace:
 
     def __del__(self) -> None:  # no collectives here: only free what is local
         try:
-            if getattr(self, "_native", None) is not None:
+            if getattr(self, "_native", None) is not None and getattr(self, "_pid", None) == _pid:
                 self._native.close()
         except Exception:
             pass
@@ -301,10 +395,19 @@ def _timeout_message(fault: Dict[str, Any], timeout_ms: int) -> str:
 
 
 def workspace_for(group: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> Workspace:
-    """The cached workspace of `group` (created, collectively, on first use)."""
+    """The cached workspace of `group` (created, collectively, on first use).
+
+    One workspace per (group, device, other arguments) until it is closed; ``None`` and the
+    world group name the same group once torch.distributed is initialized. Raises
+    WorkspaceError for a cached workspace inherited across fork.
+    """
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
     device = _resolve_device(kwargs.get("device"))
     key = (id(group) if group is not None else None, str(device), tuple(sorted((k, v) for k, v in kwargs.items() if k != "device")))
     ws = _cache.get(key)
+    if ws is not None and ws._pid != _pid:
+        ws.check_usable()  # raises: inherited from the parent across fork
     if ws is None or ws.closed:
         ws = Workspace(group, **kwargs)
         _cache[key] = ws
