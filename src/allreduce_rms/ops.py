@@ -8,10 +8,19 @@ the matching weight slice w_r of shape [W]. Both ops compute, in float32,
 and return out_r in x's dtype. qk_norm does this for q and k, two column slices of one qkv tensor,
 each with its own statistic. Without a workspace (or with a one-rank group) they are plain
 RMSNorm / QK-norm.
+
+Debug mode (``ALLREDUCE_RMS_DEBUG=1``, read at each call on a multi-rank workspace, or
+:func:`set_debug`): before communicating, the ranks all-gather what they were asked to do (op,
+token count, widths) and every rank raises RuntimeError naming the rank(s) whose call differs,
+instead of exchanging mismatched statistics or waiting in a collective forever. It costs one
+extra collective per call, a host-side one (all_gather_object): leave it off while capturing
+CUDA graphs.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 from typing import List, Optional, Tuple
 
@@ -19,10 +28,23 @@ import torch
 import torch.distributed as dist
 
 from . import _native, fallback
+from . import workspace as _workspace
 from .workspace import Workspace, WorkspaceError
 
 _DTYPES = _native.DTYPE_CODES
-_DEBUG = os.environ.get("ALLREDUCE_RMS_DEBUG", "0") not in ("", "0")
+_debug_override: Optional[bool] = None
+
+
+def set_debug(enabled: Optional[bool]) -> None:
+    """Turn debug mode on or off for this process; None goes back to ``ALLREDUCE_RMS_DEBUG``."""
+    global _debug_override
+    _debug_override = None if enabled is None else bool(enabled)
+
+
+def _debug() -> bool:
+    if _debug_override is not None:
+        return _debug_override
+    return os.environ.get("ALLREDUCE_RMS_DEBUG", "0") not in ("", "0")
 
 # One normalized column range: (input view [T, W], output view [T, W], weight [W]).
 Segment = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -52,7 +74,8 @@ def rms_norm(
     Raises:
         ValueError: a bad argument (the message names it).
         TimeoutError: a peer never joined an earlier fused call on this workspace.
-        WorkspaceError: the workspace is closed.
+        WorkspaceError: the workspace is closed, or was created in another process (fork).
+        RuntimeError: debug mode only: the ranks of the group made different calls.
     """
     _check_tensor("x", x)
     width = x.shape[-1]
@@ -96,12 +119,11 @@ def qk_norm(
         (q, k): new [..., q_size] and [..., kv_size] tensors, or views into qkv when inplace.
 
     Raises:
-        ValueError, TimeoutError, WorkspaceError: as :func:`rms_norm`.
+        ValueError, TimeoutError, WorkspaceError, RuntimeError: as :func:`rms_norm`.
     """
     _check_tensor("qkv", qkv)
-    for name, value in (("q_size", q_size), ("kv_size", kv_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    q_size = _positive_int("q_size", q_size)
+    kv_size = _positive_int("kv_size", kv_size)
     if qkv.shape[-1] != q_size + 2 * kv_size:
         raise ValueError(f"qkv: last dimension is {qkv.shape[-1]}, but q_size + 2*kv_size = "
                          f"{q_size} + 2*{kv_size} = {q_size + 2 * kv_size}")
@@ -123,6 +145,19 @@ def qk_norm(
 
 
 # ------------------------------------------------------------------------- validation
+def _positive_int(name: str, value: object) -> int:
+    """value as an int (Python or numpy integer); bools and non-positive values are rejected."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return number
+
+
 def _check_tensor(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -164,20 +199,29 @@ def _run(op: int, segments: List[Segment], eps: float, ws: Optional[Workspace]) 
     x = segments[0][0]
     tokens = x.shape[0]
     world = 1
+    if isinstance(eps, (bool, str, bytes)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}") from None
+    if not 0.0 <= eps < math.inf:  # also False for NaN
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if ws is not None:
         if not isinstance(ws, Workspace):
             raise ValueError(f"workspace: expected an allreduce_rms.Workspace, got {type(ws).__name__}")
-        if ws.closed:
-            raise WorkspaceError("allreduce_rms: workspace used after close()")
+        if ws._closed or ws._pid != _workspace._pid:
+            ws.check_usable()  # raises WorkspaceError: closed, or inherited across fork
         world = ws.world_size
-        if x.device != ws.device and ws.device.type == "cuda":
+        if x.device != ws.device and (ws.device.type == "cuda" or x.device.type != "cuda"):
             raise ValueError(f"workspace: created for {ws.device}, but the tensors are on {x.device}")
+        if world > 1 and _debug():
+            # before any rank-local check that could raise: a rank must not leave its peers
+            # in a collective, and a mismatch must be reported, not the symptom of one
+            _debug_check_same_call(ws, op, tokens, tuple(inp.shape[1] for inp, _, _ in segments))
         if tokens > ws.max_tokens and not ws.chunking:
             raise ValueError(f"{tokens} tokens exceed the workspace's max_tokens={ws.max_tokens} "
                              "(created with chunking=False)")
-        if _DEBUG and world > 1:
-            _debug_check_same_call(ws, op, tokens)
-    eps = float(eps)
     if x.device.type == "cuda" and _native.gpu_kernels_available():
         if world == 1:
             _launch_local(_native.front().MODE_LOCAL, segments, eps, 1, None)
@@ -236,13 +280,28 @@ def _run_torch(segments: List[Segment], eps: float, ws: Optional[Workspace]) -> 
         fallback.normalize(inp, stats[:, i], inp.shape[1] * world, w, eps, out=out)
 
 
-def _debug_check_same_call(ws: Workspace, op: int, tokens: int) -> None:
-    """ALLREDUCE_RMS_DEBUG=1: every rank must make the same call; name the rank that differs."""
-    calls: list = [None] * ws.world_size
-    dist.all_gather_object(calls, (op, tokens), group=ws.group)
-    names = {1: "rms_norm", 2: "qk_norm"}
-    for r, (rank_op, rank_tokens) in enumerate(calls):
-        if (rank_op, rank_tokens) != calls[0]:
-            raise RuntimeError(
-                f"allreduce_rms debug: rank {r} called {names.get(rank_op, rank_op)} with {rank_tokens} tokens, "
-                f"but rank 0 called {names.get(calls[0][0], calls[0][0])} with {calls[0][1]} tokens")
+_OP_NAMES = {OP_RMS_NORM: "rms_norm", OP_QK_NORM: "qk_norm"}
+
+
+def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[int, ...]) -> None:
+    """Debug mode: every rank must make the same call; every rank raises naming the ranks that differ.
+
+    The expected call is the one most ranks made (ties go to the lowest rank), so with one
+    stray rank among several, that rank is the one named.
+    """
+    calls: List[Optional[Tuple[int, int, Tuple[int, ...]]]] = [None] * ws.world_size
+    dist.all_gather_object(calls, (op, tokens, widths), group=ws.group)
+    if all(c == calls[0] for c in calls):
+        return
+    expected = max(calls, key=lambda c: (calls.count(c), -calls.index(c)))
+    differ = [r for r, c in enumerate(calls) if c != expected]
+    agree = [r for r, c in enumerate(calls) if c == expected]
+
+    def describe(call: Tuple[int, int, Tuple[int, ...]]) -> str:
+        rank_op, rank_tokens, rank_widths = call
+        return f"{_OP_NAMES.get(rank_op, rank_op)} with {rank_tokens} tokens and widths {rank_widths}"
+
+    detail = "; ".join(f"rank {r} called {describe(calls[r])}" for r in differ)  # type: ignore[arg-type]
+    raise RuntimeError(
+        f"allreduce_rms debug (rank {ws.rank}): the ranks of workspace {ws.key} made different calls: {detail}; "
+        f"but rank(s) {agree} called {describe(expected)}")  # type: ignore[arg-type]
