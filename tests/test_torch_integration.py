@@ -61,9 +61,31 @@ def test_ops_are_registered_with_the_documented_schemas() -> None:
     assert "qk_norm(Tensor qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, float eps, " \
            "str workspace) -> (Tensor, Tensor)" in schemas["qk_norm"]
     assert "qk_norm_(Tensor(a0!) qkv," in schemas["qk_norm_"] and schemas["qk_norm_"].endswith("-> ()")
-    # the eager entry points are the plain functions: no torch.library dispatch in eager calls
-    assert allreduce_rms.rms_norm is allreduce_rms.ops.rms_norm
-    assert allreduce_rms.qk_norm is allreduce_rms.ops.qk_norm
+
+
+
+def test_eager_calls_do_not_go_through_the_dispatcher() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: List[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(3, 16), torch.ones(16)
+    qkv, qw, kw = torch.randn(3, 32), torch.ones(16), torch.ones(8)
+    with Record() as eager:
+        allreduce_rms.rms_norm(x, w)
+        allreduce_rms.qk_norm(qkv, qw, kw, 16, 8)
+        TPRMSNorm(16)(x)
+    with Record() as op:
+        torch.ops.allreduce_rms.rms_norm(x, w, EPS, "")
+    assert eager.names and not [n for n in eager.names if n.startswith("allreduce_rms.")]
+    assert op.names[0] == "allreduce_rms.rms_norm.default"
 
 
 def test_fake_impls_give_shapes_and_check_arguments() -> None:
@@ -98,9 +120,9 @@ def test_custom_ops_eager_match_the_plain_functions_locally() -> None:
     torch.testing.assert_close(qkv[:, 80:], before[:, 80:])  # v untouched
     # the explicit traceable forms, out= and inplace= included
     out = torch.empty_like(full["x"])
-    assert custom_ops.rms_norm(full["x"], full["weight"], EPS, ws, out=out) is out
+    assert custom_ops.traced_rms_norm(full["x"], full["weight"], EPS, ws, out=out) is out
     torch.testing.assert_close(out, y)
-    q2, k2 = custom_ops.qk_norm(before, qw, kw, 64, 16, EPS, None, inplace=True)
+    q2, k2 = custom_ops.traced_qk_norm(before, qw, kw, 64, 16, EPS, None, inplace=True)
     assert q2.data_ptr() == before.data_ptr()
     torch.testing.assert_close(before, qkv)
 

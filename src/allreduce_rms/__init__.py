@@ -8,9 +8,9 @@ Quick start (one process per GPU, torch.distributed initialized)::
 """
 
 from ._native import backends
-from .ops import qk_norm, rms_norm
 from .workspace import Workspace, WorkspaceError, workspace_for
-from . import custom_ops  # registers torch.ops.allreduce_rms.* (import order: after ops)
+from . import custom_ops  # registers torch.ops.allreduce_rms.*
+from .custom_ops import qk_norm, rms_norm  # ops.* when eager, the custom ops when traced
 from .modules import TPQKNorm, TPRMSNorm
 
 __all__ = ["TPQKNorm", "TPRMSNorm", "Workspace", "WorkspaceError", "backends", "custom_ops", "qk_norm", "rms_norm",

@@ -17,17 +17,21 @@ formula: call them on tensors that do not require grad (inference, ``torch.no_gr
 Eager versus traced dispatch
 ----------------------------
 Dispatching through ``torch.library`` costs several microseconds per call, more than the fused
-kernel itself for decode-sized inputs. So the eager entry points stay the plain Python
-functions: ``allreduce_rms.rms_norm`` *is* :func:`allreduce_rms.ops.rms_norm`, with no wrapper
-and no ``is_compiling()`` test in its path. For tracing, this module registers :func:`rms_norm`
-and :func:`qk_norm` below -- same signatures, bodies that call the custom ops -- as Dynamo
-substitutes (``torch.compiler.substitute_in_graph``) of the eager functions. When Dynamo meets
-``ops.rms_norm`` (under ``torch.compile`` or ``torch.export``), it traces the substitute, so
-the graph holds one ``torch.ops.allreduce_rms.rms_norm`` node; eager calls never see it.
+kernel itself for decode-sized inputs, so eager calls must not go through it. The public
+``allreduce_rms.rms_norm`` / ``qk_norm`` are :func:`rms_norm` / :func:`qk_norm` below: one test
+of ``torch.compiler.is_compiling()`` (a flag read, ~0.1 us), then
 
-The substitutes are public too (``allreduce_rms.custom_ops.rms_norm``), for tracers that do not
-go through Dynamo (``make_fx``) and for code that wants the custom op explicitly. On a torch
-without ``substitute_in_graph`` (before 2.5) only these explicit forms trace.
+* eager: the plain Python functions of :mod:`allreduce_rms.ops`, unchanged;
+* traced: :func:`traced_rms_norm` / :func:`traced_qk_norm`, which call the custom ops. Dynamo
+  folds ``is_compiling()`` to True while tracing, so the graph holds one
+  ``torch.ops.allreduce_rms.*`` node per call; non-strict ``torch.export`` sets the same flag.
+
+Why not ``torch.compiler.substitute_in_graph`` on the ops.* functions (no test at all in eager):
+registering it imports Dynamo, about a second added to every ``import allreduce_rms``, and
+non-strict export does not go through Dynamo, so it would trace into the eager code.
+Consequences: ``allreduce_rms.ops.rms_norm`` called directly under ``torch.compile`` is a graph
+break; use the package-level functions (or the modules). Tracers that set no flag (plain
+``make_fx``) need the explicit ``traced_*`` forms.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from . import ops
 from .workspace import Workspace, lookup
 
-__all__ = ["qk_norm", "rms_norm"]
+__all__ = ["qk_norm", "rms_norm", "traced_qk_norm", "traced_rms_norm"]
 
 _NAMESPACE = "allreduce_rms"
 
@@ -97,7 +101,7 @@ def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size:
     _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
 
 
-# ------------------------------------------------------------------------- traceable entry points
+# ------------------------------------------------------------------------- entry points
 def _key(workspace: Optional[Workspace]) -> str:
     if workspace is None:
         return ""
@@ -106,7 +110,7 @@ def _key(workspace: Optional[Workspace]) -> str:
     return workspace.key
 
 
-def rms_norm(
+def traced_rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
     eps: float = 1e-6,
@@ -125,7 +129,7 @@ def rms_norm(
     return out
 
 
-def qk_norm(
+def traced_qk_norm(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
@@ -148,17 +152,42 @@ def qk_norm(
     return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size]
 
 
-def _register_substitutes() -> bool:
-    """Make Dynamo trace rms_norm/qk_norm above wherever it meets the eager ops.* functions."""
-    substitute = getattr(torch.compiler, "substitute_in_graph", None)
-    if substitute is None:  # torch < 2.5: only the explicit custom_ops.* forms trace
-        return False
-    for eager, traced in ((ops.rms_norm, rms_norm), (ops.qk_norm, qk_norm)):
-        try:
-            substitute(eager)(traced)
-        except ValueError:  # already registered (a reloaded module): keep the first one
-            pass
-    return True
+_is_compiling = torch.compiler.is_compiling
 
 
-SUBSTITUTED = _register_substitutes()
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    if _is_compiling():
+        return traced_rms_norm(x, weight, eps, workspace, out=out)
+    return ops.rms_norm(x, weight, eps, workspace, out=out)
+
+
+def qk_norm(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    q_size: int,
+    kv_size: int,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    inplace: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _is_compiling():
+        return traced_qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace=inplace)
+    return ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace=inplace)
+
+
+_ROUTING_NOTE = """
+    Eager calls run :func:`allreduce_rms.ops.{0}` directly; under ``torch.compile`` (or
+    non-strict ``torch.export``) this traces to ``torch.ops.allreduce_rms.{0}`` instead (see
+    :mod:`allreduce_rms.custom_ops`).
+"""
+rms_norm.__doc__ = (ops.rms_norm.__doc__ or "") + _ROUTING_NOTE.format("rms_norm")
+qk_norm.__doc__ = (ops.qk_norm.__doc__ or "") + _ROUTING_NOTE.format("qk_norm")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
+from . import custom_ops
 from .workspace import Workspace, workspace_for
 
 __all__ = ["TPQKNorm", "TPRMSNorm"]
@@ -136,7 +136,7 @@ class TPRMSNorm(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps, self.workspace)
+        return custom_ops.rms_norm(x, self.weight, self.eps, self.workspace)
 
     def extra_repr(self) -> str:
         return (f"size={self.weight.shape[0]}, eps={self.eps}, rank={self.workspace.rank}, "
@@ -220,8 +220,8 @@ class TPQKNorm(nn.Module):
         return module
 
     def forward(self, qkv: torch.Tensor, inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        return ops.qk_norm(qkv, self.q_weight, self.k_weight, self.q_size, self.kv_size, self.eps, self.workspace,
-                           inplace=inplace)
+        return custom_ops.qk_norm(qkv, self.q_weight, self.k_weight, self.q_size, self.kv_size, self.eps,
+                                  self.workspace, inplace=inplace)
 
     def extra_repr(self) -> str:
         return (f"q_size={self.q_size}, kv_size={self.kv_size}, eps={self.eps}, rank={self.workspace.rank}, "
