@@ -42,7 +42,20 @@ def rms_norm_reference(shards: Sequence[torch.Tensor], weights: Sequence[torch.T
     """Float64 reference of the TP-sharded RMSNorm: shards[r] is rank r's [T, W_r] slice.
 
     Returns the normalized shards in float64, one per rank.
+
+    Raises:
+        ValueError: no shards, a different number of weights than shards, shards with different
+            row counts, or a weight whose width does not match its shard.
     """
+    if len(shards) == 0 or len(shards) != len(weights):
+        raise ValueError(f"shards, weights: need one weight per shard and at least one shard, got "
+                         f"{len(shards)} shards and {len(weights)} weights")
+    for r, (s, w) in enumerate(zip(shards, weights)):
+        if s.shape[:-1] != shards[0].shape[:-1]:
+            raise ValueError(f"shards: shard {r} has shape {tuple(s.shape)}, shard 0 {tuple(shards[0].shape)}; "
+                             "the rows must match")
+        if w.dim() != 1 or w.shape[0] != s.shape[-1]:
+            raise ValueError(f"weights: weight {r} has shape {tuple(w.shape)}, its shard is {s.shape[-1]} wide")
     xs = [s.double() for s in shards]
     total = sum((x * x).sum(dim=-1) for x in xs)
     full_width = sum(x.shape[-1] for x in xs)
