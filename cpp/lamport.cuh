@@ -96,16 +96,20 @@ __device__ inline float wait_for_cell(const LamportParams& lp, const uint32_t* c
   }
 }
 
-// One lane's share of exchanging a (token, segment) statistic. The lanes of a group of
-// next_pow2(N) consecutive lanes serve one cell: lane r sends this rank's partial to rank r and
-// waits for rank r's partial, so the N sends and N waits all overlap. Returns rank r's partial
-// (this rank's own one without a round trip); the caller adds the group's values in rank order.
-__device__ inline float exchange_lane(const LamportParams& lp, uint32_t slot, uint32_t epoch, int token, int segment,
-                                      int tokens, float partial, int r) {
+// The lanes of a group of next_pow2(N) consecutive lanes serve one (token, segment) cell: lane r
+// sends this rank's partial to rank r (send_partial) and later waits for rank r's partial
+// (receive_partial), so the N sends and the N waits each overlap. The caller adds the group's
+// values in rank order.
+__device__ inline void send_partial(const LamportParams& lp, uint32_t slot, int token, int segment, float partial,
+                                    int r) {
   // -0.0 is the sentinel; adding +0.0 turns -0.0 into +0.0 and leaves everything else unchanged.
-  const uint32_t bits = float_bits(partial + 0.0f);
-  if (r == lp.rank) return bits_float(bits);
-  platform::store_relaxed_sys(lp.buffers[r] + cell_index(lp, slot, lp.rank, token, segment), bits);
+  platform::store_relaxed_sys(lp.buffers[r] + cell_index(lp, slot, lp.rank, token, segment), float_bits(partial + 0.0f));
+}
+
+// Rank r's partial of the cell (this rank's own one without a round trip).
+__device__ inline float receive_partial(const LamportParams& lp, uint32_t slot, uint32_t epoch, int token, int segment,
+                                        int tokens, float partial, int r) {
+  if (r == lp.rank) return partial + 0.0f;  // the same bits the peers received
   return wait_for_cell(lp, lp.buffers[lp.rank] + cell_index(lp, slot, r, token, segment), r, epoch, tokens);
 }
 

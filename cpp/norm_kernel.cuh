@@ -22,12 +22,12 @@ namespace arms {
 
 constexpr int kMaxBlockThreads = 512;
 
-// Tokens per tile, at most, for VPT vectors per thread and token: 8 vectors (32 registers of
-// activations) per thread. Large tiles mean fewer exchanges per block at large T; two blocks per
-// SM (the launch bound below) let one block's exchange overlap the other's memory traffic.
-// (Measured on H100, TP2, T=16384: double-buffered tiles of 4 tokens at one block per SM ran at
-// 2.1x the roofline, exchange-latency bound.)
-ARMS_HOST_DEVICE constexpr int tile_tokens_max(int vpt) { return vpt >= 8 ? 1 : 8 / vpt; }
+// Tokens per tile, at most, for VPT vectors per thread and token. A thread holds two tiles of
+// activations (8 vectors, 32 registers for 16-bit types): while one tile's statistics cross the
+// interconnect, the next tile is loaded, reduced and its statistics sent, so each block always
+// has an exchange in flight. Two blocks per SM (the launch bound below) overlap further.
+// (Measured on H100/H200, TP2, T=16384: one 8-token tile at a time was exchange-latency bound.)
+ARMS_HOST_DEVICE constexpr int tile_tokens_max(int vpt) { return vpt >= 4 ? 1 : 4 / vpt; }
 constexpr int kMinBlocksPerSm = 2;
 
 struct KernelSegment {
@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
   constexpr bool kNormalizes = MODE != ARMS_MODE_STATS_OUT;
   constexpr bool kCacheWeights = kNormalizes && VPT * VEC <= 16;
 
-  __shared__ float warp_partial[kMaxWarps][kCells];
-  __shared__ float row_scale[kCells];
+  __shared__ float warp_partial[2][kMaxWarps][kCells];  // [tile parity][warp][cell]
+  __shared__ float row_scale[2][kCells];
 
   // Nothing of the previous kernel in the stream (inputs, workspace state) is read before this.
   platform::pdl_wait();
@@ -109,9 +109,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
         if (k < tpb && t0 + k < p.tokens && seg_of[c] >= 0) x[k][c].load(in_ptr(seg_of[c], t0 + k, col[c]));
   };
 
-  V x[TPB][VPT];
-  int tile = blockIdx.x;
-  if (tile < ntiles) load_tile(x, tile);
+  V xa[TPB][VPT];
+  V xb[TPB][VPT];
+  const int first_tile = blockIdx.x;
+  if (first_tile < ntiles) load_tile(xa, first_tile);
 
   float weight[kCacheWeights ? VPT : 1][kCacheWeights ? VEC : 1];
   if constexpr (kCacheWeights) {
@@ -139,11 +140,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
 
   auto inv_width = [&](int s) { return s == 0 ? p.seg[0].inv_full_width : p.seg[1].inv_full_width; };
 
-  // One tile: statistics, exchange, normalize; then the next tile's loads.
-  auto process_tile = [&](auto& cur, int tile, int next) {
-    const int t0 = tile * tpb;
-
+  // Per-thread sums of squares of one tile into warp_partial[buf] (the caller synchronizes).
+  auto reduce_tile = [&](auto& x, int tile, int buf) {
     if constexpr (kSums) {
+      const int t0 = tile * tpb;
       float acc[TPB][ARMS_MAX_SEGMENTS];
 #pragma unroll
       for (int k = 0; k < TPB; ++k) {
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
 #pragma unroll
         for (int c = 0; c < VPT; ++c) {
           if (k < tpb && t0 + k < p.tokens && seg_of[c] >= 0) {
-            const float s = cur[k][c].sum_of_squares();
+            const float s = x[k][c].sum_of_squares();
             acc[k][0] += seg_of[c] == 0 ? s : 0.f;
             acc[k][1] += seg_of[c] == 1 ? s : 0.f;
           }
@@ -166,38 +166,38 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
         for (int s = 0; s < ARMS_MAX_SEGMENTS; ++s) {
           if (k < tpb && s < p.num_segments) {
             const float v = platform::warp_sum(acc[k][s]);
-            if (lane == 0) warp_partial[warp][k * ARMS_MAX_SEGMENTS + s] = v;
+            if (lane == 0) warp_partial[buf][warp][k * ARMS_MAX_SEGMENTS + s] = v;
           }
         }
       }
-      __syncthreads();
     }
+  };
 
+  // This rank's statistic of one cell, added over warps in a fixed order (deterministic).
+  auto block_partial = [&](int buf, int cell) {
+    float partial = 0.f;
+    for (int w = 0; w < nwarps; ++w) partial += warp_partial[buf][w][cell];
+    return partial;
+  };
+
+  // Lamport lanes: lanes [g*group, (g+1)*group) serve cell g of the tile, lane r talks to rank r.
+  const int lamport_cell = tid / group;
+  const int lamport_peer = tid % group;
+  auto lamport_lane_active = [&](int tile) {
+    const int token = tile * tpb + lamport_cell / ARMS_MAX_SEGMENTS;
+    const int seg = lamport_cell % ARMS_MAX_SEGMENTS;
+    return lamport_cell < tpb * ARMS_MAX_SEGMENTS && seg < p.num_segments && token < p.tokens;
+  };
+
+  // After reduce_tile + barrier: make the tile's statistics available. LAMPORT sends them to every
+  // peer (the wait comes later, in collect); the local modes finish the scale here.
+  auto publish = [&](int tile, int buf) {
+    const int t0 = tile * tpb;
     if constexpr (MODE == ARMS_MODE_LAMPORT) {
-      const int live_cells = tpb * ARMS_MAX_SEGMENTS;
-      if (warp * kWarp < live_cells * group) {  // whole warps only: the sum below shuffles
-        const int cell = tid / group;
-        const int r = tid % group;
-        const int token = t0 + cell / ARMS_MAX_SEGMENTS;
-        const int seg = cell % ARMS_MAX_SEGMENTS;
-        const bool active = cell < live_cells && seg < p.num_segments && token < p.tokens;
-        float v = 0.f;
-        if (active && r < p.lamport.nranks) {
-          float partial = 0.f;
-          for (int w = 0; w < nwarps; ++w) partial += warp_partial[w][cell];  // fixed order
-          v = failed ? __int_as_float(0x7fc00000)
-                     : exchange_lane(p.lamport, slot, epoch, token, seg, p.tokens, partial, r);
-        }
-        // Every rank adds the same N values in the same (rank) order: identical bits everywhere.
-        const int first = lane - r;
-        float total = 0.f;
-        for (int q = 0; q < p.lamport.nranks; ++q) total += platform::warp_shfl(v, first + q);
-        if (active && r == 0) row_scale[cell] = rsqrtf(total * inv_width(seg) + p.eps);
-      }
+      if (!failed && lamport_lane_active(tile) && lamport_peer < p.lamport.nranks && lamport_peer != p.lamport.rank)
+        send_partial(p.lamport, slot, t0 + lamport_cell / ARMS_MAX_SEGMENTS, lamport_cell % ARMS_MAX_SEGMENTS,
+                     block_partial(buf, lamport_cell), lamport_peer);
     } else {
-      // STATS_IN has no barrier above: keep this tile's row_scale writes behind the previous
-      // tile's reads of it.
-      if constexpr (!kSums) __syncthreads();
       const int cell = tid;
       const int token = t0 + cell / ARMS_MAX_SEGMENTS;
       const int seg = cell % ARMS_MAX_SEGMENTS;
@@ -205,25 +205,47 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
         float* stat = p.stats ? p.stats + static_cast<int64_t>(token) * p.num_segments + seg : nullptr;
         float sum;
         if constexpr (kSums) {
-          sum = 0.f;
-          for (int w = 0; w < nwarps; ++w) sum += warp_partial[w][cell];  // fixed order
+          sum = block_partial(buf, cell);
           if constexpr (MODE == ARMS_MODE_STATS_OUT) *stat = sum;
         } else {
           sum = *stat;
         }
-        row_scale[cell] = rsqrtf(sum * inv_width(seg) + p.eps);
+        row_scale[buf][cell] = rsqrtf(sum * inv_width(seg) + p.eps);
       }
     }
-    // Also keeps the next tile's warp_partial writes behind this tile's reads of them.
-    __syncthreads();
+  };
 
+  // LAMPORT: wait for every peer's statistic of the tile and finish its scale.
+  auto collect = [&](int tile, int buf) {
+    if constexpr (MODE == ARMS_MODE_LAMPORT) {
+      if (warp * kWarp >= tpb * ARMS_MAX_SEGMENTS * group) return;  // whole warps: the sum shuffles
+      const int t0 = tile * tpb;
+      const int token = t0 + lamport_cell / ARMS_MAX_SEGMENTS;
+      const int seg = lamport_cell % ARMS_MAX_SEGMENTS;
+      const bool active = lamport_lane_active(tile);
+      float v = 0.f;
+      if (active && lamport_peer < p.lamport.nranks) {
+        const float partial = block_partial(buf, lamport_cell);
+        v = failed ? __int_as_float(0x7fc00000)
+                   : receive_partial(p.lamport, slot, epoch, token, seg, p.tokens, partial, lamport_peer);
+      }
+      // Every rank adds the same N values in the same (rank) order: identical bits everywhere.
+      const int first = lane - lamport_peer;
+      float total = 0.f;
+      for (int q = 0; q < p.lamport.nranks; ++q) total += platform::warp_shfl(v, first + q);
+      if (active && lamport_peer == 0) row_scale[buf][lamport_cell] = rsqrtf(total * inv_width(seg) + p.eps);
+    }
+  };
+
+  auto normalize = [&](auto& x, int tile, int buf) {
     if constexpr (kNormalizes) {
+      const int t0 = tile * tpb;
 #pragma unroll
       for (int k = 0; k < TPB; ++k) {
 #pragma unroll
         for (int c = 0; c < VPT; ++c) {
           if (k < tpb && t0 + k < p.tokens && seg_of[c] >= 0) {
-            const float scale = row_scale[k * ARMS_MAX_SEGMENTS + seg_of[c]];
+            const float scale = row_scale[buf][k * ARMS_MAX_SEGMENTS + seg_of[c]];
             float w[VEC];
             if constexpr (kCacheWeights) {
 #pragma unroll
@@ -235,16 +257,42 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
             }
             V y;
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) y.set(i, cur[k][c].get(i) * scale * w[i]);
+            for (int i = 0; i < VEC; ++i) y.set(i, x[k][c].get(i) * scale * w[i]);
             y.store(out_ptr(seg_of[c], t0 + k, col[c]));
           }
         }
       }
     }
-    if (next < ntiles) load_tile(cur, next);
   };
 
-  for (; tile < ntiles; tile += gridDim.x) process_tile(x, tile, tile + gridDim.x);
+  // Software pipeline over this block's tiles: tile i is normalized only after tile i+1 has been
+  // loaded, reduced and published, so the wait for tile i's peers overlaps that work.
+  // Shared buffers alternate by tile parity; each is rewritten two tiles later, after a barrier
+  // every reader of its previous contents has passed.
+  auto step = [&](auto& cur, auto& nxt, int tile, int buf) {
+    const int next = tile + gridDim.x;
+    if (next < ntiles) {
+      load_tile(nxt, next);
+      reduce_tile(nxt, next, buf ^ 1);
+    }
+    __syncthreads();
+    if (next < ntiles) publish(next, buf ^ 1);
+    collect(tile, buf);
+    __syncthreads();
+    normalize(cur, tile, buf);
+    return next;
+  };
+
+  if (first_tile < ntiles) {
+    reduce_tile(xa, first_tile, 0);
+    __syncthreads();
+    publish(first_tile, 0);
+  }
+  for (int tile = first_tile; tile < ntiles;) {
+    tile = step(xa, xb, tile, 0);
+    if (tile >= ntiles) break;
+    tile = step(xb, xa, tile, 1);
+  }
 
   if constexpr (MODE == ARMS_MODE_LAMPORT) {
     if (!failed) finish_launch(p.lamport, epoch, p.tokens);
