@@ -441,7 +441,9 @@ class _Fuser:
                                                and ws.group.group_name == group.group_name)
             if same_group and not ws.closed and ws.device == device:
                 return ws
-        return workspace_for(group, device=device)  # collective on first use (see the module docstring)
+        # Collective on first use (see the module docstring). workspace_for caches the default
+        # group under None (what Workspace() and the modules use), not under the group object.
+        return workspace_for(None if group is dist.group.WORLD else group, device=device)
 
     def _replace(self, target: Any, args: tuple, outs: List[Node], core: List[Node], optional: List[Node]) -> int:
         members = set(core) | set(outs)
@@ -452,16 +454,20 @@ class _Fuser:
         inputs = [a for a in args if isinstance(a, Node)]
         if any(order[a] >= order[first_out] for a in inputs):
             return 0  # an input is defined after the first output: leave the graph as it is
+        try:
+            val = _fake_result(target, args)
+        except ValueError:  # the op's own checks reject these inputs: keep the unfused form
+            return 0
         with self.graph.inserting_before(first_out):
             fused = self.graph.call_function(target, args)
-            fused.meta["val"] = _fake_result(target, args)
+            fused.meta["val"] = val
             results = [fused]
             if len(outs) > 1:
                 results = []
-                for i, out in enumerate(outs):
+                for i in range(len(outs)):
                     item = self.graph.call_function(_getitem, (fused, i))
-                    if fused.meta["val"] is not None:
-                        item.meta["val"] = fused.meta["val"][i]
+                    if val is not None:
+                        item.meta["val"] = val[i]
                     results.append(item)
         for out, result in zip(outs, results):
             out.replace_all_uses_with(result)

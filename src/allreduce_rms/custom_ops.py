@@ -55,6 +55,9 @@ def _workspace(key: str) -> Optional[Workspace]:
 def _check_qk(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int) -> None:
     """The checks of ops.qk_norm that can run on fake tensors (same messages as eager)."""
     ops._check_tensor("qkv", qkv)
+    for name, value in (("q_size", q_size), ("kv_size", kv_size)):
+        if isinstance(value, int) and value <= 0:  # (a SymInt size is checked when it runs)
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if qkv.shape[-1] != q_size + 2 * kv_size:
         raise ValueError(f"qkv: last dimension is {qkv.shape[-1]}, but q_size + 2*kv_size = "
                          f"{q_size} + 2*{kv_size} = {q_size + 2 * kv_size}")
