@@ -56,7 +56,8 @@ def reference(full: Dict[str, torch.Tensor], name: str, weight: str, rank: int, 
 
 # ------------------------------------------------------------------------- one process
 def test_ops_are_registered_with_the_documented_schemas() -> None:
-    schemas = {name: str(getattr(torch.ops.allreduce_rms, name).default._schema) for name in ("rms_norm", "qk_norm", "qk_norm_")}
+    schemas = {name: str(getattr(torch.ops.allreduce_rms, name).default._schema)
+               for name in ("rms_norm", "qk_norm", "qk_norm_")}
     assert schemas["rms_norm"] == "allreduce_rms::rms_norm(Tensor x, Tensor weight, float eps, str workspace) -> Tensor"
     assert "qk_norm(Tensor qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, float eps, " \
            "str workspace) -> (Tensor, Tensor)" in schemas["qk_norm"]
