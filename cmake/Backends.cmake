@@ -1,6 +1,18 @@
 # Find the GPU toolchains and build one backend library per toolchain found (or required).
 include(CheckLanguage)
 
+# A backend library exports one symbol, arms_backend_api: hidden visibility alone still leaves
+# kernel stubs and libstdc++ template instances exported, so a linker version script decides.
+function(arms_export_only_backend_api target)
+  if(NOT UNIX OR APPLE)
+    return()
+  endif()
+  set(exports "${CMAKE_CURRENT_BINARY_DIR}/${target}.exports")
+  file(CONFIGURE OUTPUT "${exports}" CONTENT "{\n  global: arms_backend_api;\n  local: *;\n};\n")
+  target_link_options(${target} PRIVATE "LINKER:--version-script=${exports}")
+  set_property(TARGET ${target} APPEND PROPERTY LINK_DEPENDS "${exports}")
+endfunction()
+
 set(ARMS_BUILT_BACKENDS "")
 
 # CUDA: nvcc compiles cpp/ as is.

@@ -20,4 +20,5 @@ set_target_properties(arms_cuda PROPERTIES
   CUDA_VISIBILITY_PRESET hidden
   CXX_VISIBILITY_PRESET hidden
   VISIBILITY_INLINES_HIDDEN ON)
+arms_export_only_backend_api(arms_cuda)
 install(TARGETS arms_cuda LIBRARY DESTINATION allreduce_rms)

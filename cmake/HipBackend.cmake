@@ -101,12 +101,5 @@ set_target_properties(arms_hip PROPERTIES
   HIP_VISIBILITY_PRESET hidden
   CXX_VISIBILITY_PRESET hidden
   VISIBILITY_INLINES_HIDDEN ON)
-# Hidden visibility still leaves kernel handles and libstdc++ template instances in the dynamic
-# symbol table; the version script keeps exactly the one entry point of backend_api.h.
-if(UNIX AND NOT APPLE)
-  set(arms_hip_exports "${CMAKE_CURRENT_BINARY_DIR}/arms_hip.exports")
-  file(CONFIGURE OUTPUT "${arms_hip_exports}" CONTENT "{\n  global: arms_backend_api;\n  local: *;\n};\n")
-  target_link_options(arms_hip PRIVATE "LINKER:--version-script=${arms_hip_exports}")
-  set_property(TARGET arms_hip APPEND PROPERTY LINK_DEPENDS "${arms_hip_exports}")
-endif()
+arms_export_only_backend_api(arms_hip)
 install(TARGETS arms_hip LIBRARY DESTINATION allreduce_rms)

@@ -4,6 +4,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "backend_internal.h"
 #include "norm_kernel.cuh"
@@ -61,22 +62,27 @@ DeviceLimits device_limits(int device) {
   return limits;
 }
 
-// Blocks of `fn` at `block` threads that fit on one SM at once (cached: the query is slow).
+// Blocks of `fn` at `block` threads that fit on one SM at once (cached: the query is slow, and
+// this runs on every launch).
 int blocks_per_sm(KernelFn fn, int block, int device) {
+  struct Entry {
+    KernelFn fn;
+    int block;
+    int device;
+    int blocks;
+  };
   static std::mutex mutex;
-  static std::unordered_map<std::string, int> cache;
-  const std::string key = std::to_string(reinterpret_cast<uintptr_t>(fn)) + ":" + std::to_string(block) + ":" +
-                          std::to_string(device);
+  static std::vector<Entry> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
+  for (const Entry& e : cache)
+    if (e.fn == fn && e.block == block && e.device == device) return e.blocks;
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, block, 0) != platform::kSuccess) {
     cudaGetLastError();
     n = 1;
   }
   if (n < 1) n = 1;
-  cache[key] = n;
+  cache.push_back({fn, block, device, n});
   return n;
 }
 

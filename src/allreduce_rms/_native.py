@@ -27,6 +27,8 @@ _lock = threading.Lock()
 _load_errors: Dict[str, str] = {}
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MODE_LOCAL, MODE_STATS_OUT, MODE_STATS_IN = 0, 1, 2  # ArmsMode (backend_api.h)
+_kernels_ready = False
 
 
 def device_backend_name() -> str:
@@ -36,7 +38,18 @@ def device_backend_name() -> str:
 
 def dl_device_type() -> int:
     """DLPack device type of torch 'cuda' tensors in this torch build (kDLROCM on ROCm)."""
-    return _DL_CODES[device_backend_name()]
+    return _DL_DEVICE_TYPE
+
+
+_DL_DEVICE_TYPE = _DL_CODES[device_backend_name()]
+
+
+def kernels_ready() -> bool:
+    """gpu_kernels_available(), remembered once true (the per-call hot path asks this)."""
+    global _kernels_ready
+    if not _kernels_ready:
+        _kernels_ready = gpu_kernels_available()
+    return _kernels_ready
 
 
 def load(name: str) -> Optional[str]:

@@ -46,7 +46,7 @@ def _debug() -> bool:
         return _debug_override
     return os.environ.get("ALLREDUCE_RMS_DEBUG", "0") not in ("", "0")
 
-# One normalized column range: (input view [T, W], output view [T, W], weight [W]).
+# One normalized column range on the pure-torch path: (input view [T, W], output view [T, W], weight [W]).
 Segment = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 OP_RMS_NORM, OP_QK_NORM = 1, 2  # ArmsOp codes (backend_api.h)
 
@@ -89,7 +89,14 @@ def rms_norm(
             raise ValueError(f"out: expected shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}; "
                              f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     out2 = _rows("out", out)
-    _run(OP_RMS_NORM, [(x2, out2, weight)], eps, workspace)
+    tokens = x2.shape[0]
+    eps, world = _prepare(OP_RMS_NORM, x, tokens, (width,), eps, workspace)
+    if x.is_cuda and _native.kernels_ready():
+        args = (x2.data_ptr(), out2.data_ptr(), weight.data_ptr(), _DTYPES[weight.dtype], x2.stride(0),
+                out2.stride(0), width, width * world) + _NO_SEGMENT
+        _run_gpu(OP_RMS_NORM, x, tokens, args, 1, eps, workspace, world)
+    else:
+        _run_torch([(x2, out2, weight)], eps, workspace)
     return out
 
 
@@ -130,9 +137,27 @@ def qk_norm(
     _check_weight("q_weight", q_weight, q_size, qkv)
     _check_weight("k_weight", k_weight, kv_size, qkv)
     rows = _rows("qkv", qkv)
+    tokens = rows.shape[0]
+    eps, world = _prepare(OP_QK_NORM, qkv, tokens, (q_size, kv_size), eps, workspace)
+    lead = qkv.shape[:-1]
+    if qkv.is_cuda and _native.kernels_ready():
+        # The hot path: q and k as pointer offsets into qkv, no view objects (each costs ~2 us).
+        base, stride, step = rows.data_ptr(), rows.stride(0), rows.element_size()
+        if inplace:
+            q_out_ptr, k_out_ptr, q_out_stride, k_out_stride = base, base + q_size * step, stride, stride
+            result = (qkv[..., :q_size], qkv[..., q_size:q_size + kv_size])
+        else:
+            q_out = torch.empty((*lead, q_size), dtype=qkv.dtype, device=qkv.device)
+            k_out = torch.empty((*lead, kv_size), dtype=qkv.dtype, device=qkv.device)
+            q_out_ptr, k_out_ptr, q_out_stride, k_out_stride = q_out.data_ptr(), k_out.data_ptr(), q_size, kv_size
+            result = (q_out, k_out)
+        args = (base, q_out_ptr, q_weight.data_ptr(), _DTYPES[q_weight.dtype], stride, q_out_stride, q_size,
+                q_size * world, base + q_size * step, k_out_ptr, k_weight.data_ptr(), _DTYPES[k_weight.dtype], stride,
+                k_out_stride, kv_size, kv_size * world)
+        _run_gpu(OP_QK_NORM, qkv, tokens, args, 2, eps, workspace, world)
+        return result
     q_in = rows[:, :q_size]
     k_in = rows[:, q_size:q_size + kv_size]
-    lead = qkv.shape[:-1]
     if inplace:
         q_out, k_out = q_in, k_in
         result = (qkv[..., :q_size], qkv[..., q_size:q_size + kv_size])
@@ -140,7 +165,7 @@ def qk_norm(
         q_out = torch.empty((rows.shape[0], q_size), dtype=qkv.dtype, device=qkv.device)
         k_out = torch.empty((rows.shape[0], kv_size), dtype=qkv.dtype, device=qkv.device)
         result = (q_out.view(*lead, q_size), k_out.view(*lead, kv_size))
-    _run(OP_QK_NORM, [(q_in, q_out, q_weight), (k_in, k_out, k_weight)], eps, workspace)
+    _run_torch([(q_in, q_out, q_weight), (k_in, k_out, k_weight)], eps, workspace)
     return result
 
 
@@ -195,79 +220,69 @@ def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- dispatch
-def _run(op: int, segments: List[Segment], eps: float, ws: Optional[Workspace]) -> None:
-    x = segments[0][0]
-    tokens = x.shape[0]
-    world = 1
-    if isinstance(eps, (bool, str, bytes)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}") from None
-    if not 0.0 <= eps < math.inf:  # also False for NaN
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if ws is not None:
-        if not isinstance(ws, Workspace):
-            raise ValueError(f"workspace: expected an allreduce_rms.Workspace, got {type(ws).__name__}")
-        if ws._closed or ws._pid != _workspace._pid:
-            ws.check_usable()  # raises WorkspaceError: closed, or inherited across fork
-        world = ws.world_size
-        if x.device != ws.device and (ws.device.type == "cuda" or x.device.type != "cuda"):
+_NO_SEGMENT = (0, 0, 0, 0, 0, 0, 0, 0)  # the second segment's arguments when there is only one
+
+
+def _prepare(op: int, x: torch.Tensor, tokens: int, widths: Tuple[int, ...], eps: object,
+             ws: Optional[Workspace]) -> Tuple[float, int]:
+    """Check eps and the workspace against this call; return (eps as float, ranks in the group)."""
+    if type(eps) is not float or not 0.0 <= eps < math.inf:  # the common case costs one test
+        if isinstance(eps, (bool, str, bytes)):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        try:
+            value = float(eps)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}") from None
+        if not 0.0 <= value < math.inf:  # also False for NaN
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        eps = value
+    if ws is None:
+        return eps, 1  # type: ignore[return-value]
+    if not isinstance(ws, Workspace):
+        raise ValueError(f"workspace: expected an allreduce_rms.Workspace, got {type(ws).__name__}")
+    if ws._closed or ws._pid != _workspace._pid:
+        ws.check_usable()  # raises WorkspaceError: closed, or inherited across fork
+    world = ws.world_size
+    if ws.device.type == "cuda":
+        if x.get_device() != ws.device.index:
             raise ValueError(f"workspace: created for {ws.device}, but the tensors are on {x.device}")
-        if world > 1 and _debug():
-            # before any rank-local check that could raise: a rank must not leave its peers
-            # in a collective, and a mismatch must be reported, not the symptom of one
-            _debug_check_same_call(ws, op, tokens, tuple(inp.shape[1] for inp, _, _ in segments))
-        if tokens > ws.max_tokens and not ws.chunking:
-            raise ValueError(f"{tokens} tokens exceed the workspace's max_tokens={ws.max_tokens} "
-                             "(created with chunking=False)")
-    if x.device.type == "cuda" and _native.gpu_kernels_available():
-        if world == 1:
-            _launch_local(_native.front().MODE_LOCAL, segments, eps, 1, None)
-        elif ws.path == "fused":
-            _launch_fused(ws, op, segments, eps)
-        else:
-            _run_fallback_gpu(segments, eps, ws)
-        return
-    if ws is not None and ws.path == "fused":
-        raise ValueError(f"the fused path needs GPU tensors on {ws.device}; got tensors on {x.device}")
-    _run_torch(segments, eps, ws)
+    elif x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"workspace: created for {ws.device}, but the tensors are on {x.device}")
+    if world > 1 and _debug():
+        # before any rank-local check that could raise: a rank must not leave its peers
+        # in a collective, and a mismatch must be reported, not the symptom of one
+        _debug_check_same_call(ws, op, tokens, widths)
+    if tokens > ws.max_tokens and not ws.chunking:
+        raise ValueError(f"{tokens} tokens exceed the workspace's max_tokens={ws.max_tokens} "
+                         "(created with chunking=False)")
+    return eps, world  # type: ignore[return-value]
 
 
-def _segment_args(segments: List[Segment], world: int) -> list:
-    args: list = []
-    for inp, out, w in segments:
-        args += [inp.data_ptr(), out.data_ptr(), w.data_ptr(), _DTYPES[w.dtype], inp.stride(0), out.stride(0),
-                 inp.shape[1], inp.shape[1] * world]
-    if len(segments) == 1:
-        args += [0, 0, 0, 0, 0, 0, 0, 0]
-    return args
+def _run_gpu(op: int, x: torch.Tensor, tokens: int, args: tuple, nseg: int, eps: float, ws: Optional[Workspace],
+             world: int) -> None:
+    """Launch on x's GPU; args are both segments' (in, out, weight, weight dtype, in stride,
+    out stride, width, full width), the second all zeros for one segment."""
+    if world == 1:
+        _native.front().launch_local(_native.dl_device_type(), x.get_device(), _native.MODE_LOCAL, _DTYPES[x.dtype],
+                                     tokens, eps, 0, _native.current_stream(x.device), *args)
+    elif ws.path == "fused":  # type: ignore[union-attr]
+        ws._native.launch(op, _DTYPES[x.dtype], tokens, eps, _native.current_stream(x.device), *args)  # type: ignore[union-attr]
+    else:
+        _run_fallback_gpu(x, tokens, args, nseg, eps, ws)  # type: ignore[arg-type]
 
 
-def _launch_local(mode: int, segments: List[Segment], eps: float, world: int, stats: Optional[torch.Tensor]) -> None:
-    x = segments[0][0]
-    _native.front().launch_local(
-        _native.dl_device_type(), x.device.index, mode, _DTYPES[x.dtype], x.shape[0], eps,
-        stats.data_ptr() if stats is not None else 0, _native.current_stream(x.device), *_segment_args(segments, world))
-
-
-def _launch_fused(ws: Workspace, op: int, segments: List[Segment], eps: float) -> None:
-    x = segments[0][0]
-    ws._native.launch(op, _DTYPES[x.dtype], x.shape[0], eps, _native.current_stream(x.device),
-                      *_segment_args(segments, ws.world_size))
-
-
-def _run_fallback_gpu(segments: List[Segment], eps: float, ws: Workspace) -> None:
-    front = _native.front()
-    tokens = segments[0][0].shape[0]
-    stats = torch.empty((tokens, len(segments)), dtype=torch.float32, device=segments[0][0].device)
+def _run_fallback_gpu(x: torch.Tensor, tokens: int, args: tuple, nseg: int, eps: float, ws: Workspace) -> None:
+    """Local statistics kernel -> all_reduce over the group's backend -> local normalize kernel."""
+    stats = torch.empty((tokens, nseg), dtype=torch.float32, device=x.device)
     if tokens == 0:
         dist.all_reduce(stats, group=ws.group)  # keep collective counts equal across ranks
         return
-    _launch_local(front.MODE_STATS_OUT, segments, eps, ws.world_size, stats)
+    front, device, dtype, stream = _native.front(), x.get_device(), _DTYPES[x.dtype], _native.current_stream(x.device)
+    front.launch_local(_native.dl_device_type(), device, _native.MODE_STATS_OUT, dtype, tokens, eps,
+                       stats.data_ptr(), stream, *args)
     dist.all_reduce(stats, group=ws.group)
-    _launch_local(front.MODE_STATS_IN, segments, eps, ws.world_size, stats)
+    front.launch_local(_native.dl_device_type(), device, _native.MODE_STATS_IN, dtype, tokens, eps,
+                       stats.data_ptr(), stream, *args)
 
 
 def _run_torch(segments: List[Segment], eps: float, ws: Optional[Workspace]) -> None:
