@@ -271,12 +271,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) norm_kernel
   // every reader of its previous contents has passed.
   auto step = [&](auto& cur, auto& nxt, int tile, int buf) {
     const int next = tile + gridDim.x;
-    if (next < ntiles) {
+    if (next < ntiles) {  // the same for every thread of the block: the barrier is safe
       load_tile(nxt, next);
       reduce_tile(nxt, next, buf ^ 1);
+      __syncthreads();
+      publish(next, buf ^ 1);
     }
-    __syncthreads();
-    if (next < ntiles) publish(next, buf ^ 1);
     collect(tile, buf);
     __syncthreads();
     normalize(cur, tile, buf);

@@ -41,9 +41,11 @@ if has tests; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if has bench; then
-  log "benchmark"
-  python3 -m allreduce_rms --json "$OUT/bench-$card-tp$ngpu.json" --plot "$OUT/bench-$card-tp$ngpu.png" \
-    ${BENCH_ARGS:-} 2>"$OUT/bench-stderr.log" | tee "$OUT/bench.txt" || status=1
+  for tp in ${BENCH_TP:-$ngpu}; do  # e.g. BENCH_TP="4 2" on a 4-GPU machine
+    log "benchmark, TP$tp"
+    python3 -m allreduce_rms --world-size "$tp" --json "$OUT/bench-$card-tp$tp.json" --plot "$OUT/bench-$card-tp$tp.png" \
+      ${BENCH_ARGS:-} 2>"$OUT/bench-tp$tp-stderr.log" | tee "$OUT/bench-tp$tp.txt" || status=1
+  done
 fi
 if has reliability; then
   log "reliability (soak + sanitizers)"
