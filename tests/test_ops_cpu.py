@@ -14,17 +14,10 @@ import torch
 import allreduce_rms
 from allreduce_rms.fallback import rms_norm_reference
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = list(TOL)
+from numerics import DTYPES, rel_err
+from numerics import TOLERANCE as TOL
+
 EPS = 1e-6
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (0 for empty tensors)."""
-    if ref.numel() == 0:
-        return 0.0
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def make(shape, dtype, seed):

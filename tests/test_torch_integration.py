@@ -17,12 +17,7 @@ from distributed import run_ranks
 
 EPS = 1e-6
 # relative error norm ||y - ref|| / ||ref|| against the float64 reference, per input dtype
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((y.double() - ref).norm() / ref.norm()).item()
+from numerics import TOLERANCE, rel_err
 
 
 def full_inputs(dtype: torch.dtype, tokens: int, q: int, kv: int, seed: int = 0) -> Dict[str, torch.Tensor]:
