@@ -4,6 +4,8 @@
 # $OUT (the device tool brings that folder back) or ./gpu-run-out.
 #
 #   STAGES="build tests bench reliability" bash scripts/gpu_run.sh      (default: all four)
+#   STAGES="build profile"   LOCAL-mode timing vs roofline, and Nsight Compute reports if ncu exists
+#   NCU_TOKENS="1 1024 8192" (token counts the profile stage captures with ncu)
 #   ARCHS=90a  (CUDA architectures to build; default 90a to keep the build short)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-run-out}
@@ -51,6 +53,22 @@ if has reliability; then
   log "reliability (soak + sanitizers)"
   python3 "$OLDPWD/benchmarks/reliability.py" --json "$OUT/reliability-$card.json" ${RELIABILITY_ARGS:-} \
     2>&1 | tee "$OUT/reliability.log" | tail -20 || status=1
+fi
+if has profile; then
+  log "profile: LOCAL mode vs roofline"
+  python3 "$OLDPWD/benchmarks/profile_kernel.py" --json "$OUT/profile-local-$card.json" 2>&1 | tee "$OUT/profile-local.txt" || status=1
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  if [ -n "$ncu_bin" ]; then
+    for t in ${NCU_TOKENS:-1 1024 8192}; do
+      log "ncu at T=$t"
+      "$ncu_bin" --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section Occupancy --section LaunchStats -k regex:norm_kernel \
+        --launch-skip 5 --launch-count 1 python3 "$OLDPWD/benchmarks/profile_kernel.py" --ncu-tokens "$t" \
+        > "$OUT/ncu-local-T$t.txt" 2>&1 || status=1
+    done
+  else
+    log "no ncu on this machine"
+  fi
 fi
 log "done, status $status"
 exit $status
