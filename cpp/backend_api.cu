@@ -13,6 +13,7 @@ int workspace_probe(ArmsWorkspace*, uint32_t, int64_t, int, int*);
 int workspace_fault(ArmsWorkspace*, ArmsFault*);
 int workspace_info(ArmsWorkspace*, ArmsWorkspaceInfo*);
 int workspace_destroy(ArmsWorkspace*);
+int workspace_resources(ArmsBackendResources*);
 int fused_norm(ArmsWorkspace*, const ArmsNormArgs*);
 
 namespace {
@@ -49,6 +50,7 @@ const ArmsBackendApi table = {
     workspace_info,
     workspace_destroy,
     fused_norm,
+    workspace_resources,
 };
 }  // namespace
 

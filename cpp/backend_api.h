@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define ARMS_BACKEND_ABI_VERSION 1
+#define ARMS_BACKEND_ABI_VERSION 2 /* 2: resources() */
 #define ARMS_BACKEND_SYMBOL "arms_backend_api"
 #define ARMS_MAX_RANKS 8
 #define ARMS_MAX_SEGMENTS 2
@@ -87,6 +87,15 @@ typedef struct ArmsWorkspaceInfo {
   int32_t reserved;
 } ArmsWorkspaceInfo;
 
+/* What the backend holds process-wide, over every workspace it created: tests compare two
+ * snapshots to prove that close() gave everything back. */
+typedef struct ArmsBackendResources {
+  int64_t workspaces_live;   /* created and not yet destroyed */
+  int64_t ipc_mappings_open; /* peer buffers opened through IPC and not closed */
+  int64_t device_bytes;      /* Lamport buffers + control blocks owned by live workspaces */
+  int64_t reserved;
+} ArmsBackendResources;
+
 typedef struct ArmsWorkspace ArmsWorkspace; /* opaque */
 
 typedef struct ArmsBackendApi {
@@ -112,6 +121,8 @@ typedef struct ArmsBackendApi {
   int (*workspace_destroy)(ArmsWorkspace* ws);
   /* Fused launch: LAMPORT mode (or LOCAL when nranks == 1); chunks T above capacity. */
   int (*fused_norm)(ArmsWorkspace* ws, const ArmsNormArgs* args);
+  /* Process-wide counters (ABI 2); host only, no device sync, safe from any thread. */
+  int (*resources)(ArmsBackendResources* out);
 } ArmsBackendApi;
 
 typedef const ArmsBackendApi* (*ArmsBackendEntry)(void);

@@ -43,6 +43,7 @@ struct ArmsWorkspace {
   int64_t timeout_ns = 0;
   uint32_t* own = nullptr;  // this rank's cells
   int64_t buffer_bytes = 0;
+  int64_t counted_bytes = 0;  // device bytes this workspace added to the process-wide count
   uint32_t* mapped[ARMS_MAX_RANKS] = {};  // peer buffers as opened here; mapped[rank] == own
   bool opened[ARMS_MAX_RANKS] = {};       // which of mapped[] are IPC mappings to close
   arms::ControlBlock* ctrl = nullptr;

@@ -266,6 +266,18 @@ nb::dict backend_status(int device_type) {
   return d;
 }
 
+// Process-wide counters of one backend (raises when it is not loaded, like every other call).
+nb::dict backend_resources(int device_type) {
+  const ArmsBackendApi& api = backend(device_type);
+  ArmsBackendResources r = {};
+  check(api, api.resources(&r));
+  nb::dict d;
+  d["workspaces_live"] = r.workspaces_live;
+  d["ipc_mappings_open"] = r.ipc_mappings_open;
+  d["device_bytes"] = r.device_bytes;
+  return d;
+}
+
 }  // namespace
 
 NB_MODULE(_front, m) {
@@ -283,6 +295,8 @@ NB_MODULE(_front, m) {
   m.def("load_backend", &load_backend, nb::arg("device_type"), nb::arg("path"),
         "Load the backend library for a DLPack device type; returns '' or why it failed.");
   m.def("backend_status", &backend_status, nb::arg("device_type"));
+  m.def("backend_resources", &backend_resources, nb::arg("device_type"),
+        "Live workspaces, open peer IPC mappings and workspace device bytes, over the whole process.");
   m.def("launch_local", &launch_local, "Local launch (no communication) with raw pointers.");
   m.def("rms_norm", &rms_norm_dlpack, nb::arg("x"), nb::arg("weight"), nb::arg("out"), nb::arg("eps"),
         nb::arg("stream") = 0, "Single-rank RMSNorm of a 2-D DLPack tensor into out.");

@@ -1,5 +1,6 @@
 // Lamport workspace lifecycle: allocate and clear the cells, export and import IPC handles,
 // probe the peers, report faults, free everything.
+#include <atomic>
 #include <cstring>
 
 #include "backend_internal.h"
@@ -21,16 +22,33 @@ arms::LamportParams ArmsWorkspace::params(int op) const {
 
 namespace arms {
 
+// Process-wide counters for resources(): a leak shows up as a count that does not return to
+// its earlier value, without the caller having to keep any workspace around to ask it.
+static std::atomic<int64_t> workspaces_live{0};
+static std::atomic<int64_t> ipc_mappings_open{0};
+static std::atomic<int64_t> device_bytes{0};
+
+// Counted per workspace only after an allocation succeeded, so release() of a half-built
+// workspace subtracts exactly what was added, whatever a failed allocation left in its pointer.
+static void count_device_bytes(ArmsWorkspace* ws, int64_t bytes) {
+  ws->counted_bytes += bytes;
+  device_bytes += bytes;
+}
+
+// Frees whatever `ws` holds, also a half-built one: every counter goes back down here only.
 static void release(ArmsWorkspace* ws) {
   for (int r = 0; r < ARMS_MAX_RANKS; ++r) {
-    if (ws->opened[r]) cudaIpcCloseMemHandle(ws->mapped[r]);
+    // A mapping whose close fails stays counted: it is exactly the leak the counter exists for.
+    if (ws->opened[r] && cudaIpcCloseMemHandle(ws->mapped[r]) == platform::kSuccess) ipc_mappings_open--;
     ws->opened[r] = false;
     ws->mapped[r] = nullptr;
   }
   if (ws->own) platform::free_polled(ws->own);
   if (ws->ctrl) cudaFree(ws->ctrl);
   if (ws->fault_host) cudaFreeHost(ws->fault_host);
+  device_bytes -= ws->counted_bytes;
   delete ws;
+  workspaces_live--;
 }
 
 int workspace_create(int device, int rank, int nranks, int capacity, int64_t timeout_ns, ArmsWorkspace** out) {
@@ -41,6 +59,7 @@ int workspace_create(int device, int rank, int nranks, int capacity, int64_t tim
   if (int status = use_device(device)) return status;
 
   ArmsWorkspace* ws = new ArmsWorkspace();
+  workspaces_live++;
   ws->device = device;
   ws->rank = rank;
   ws->nranks = nranks;
@@ -54,8 +73,10 @@ int workspace_create(int device, int rank, int nranks, int capacity, int64_t tim
     return fail(ARMS_RUNTIME_ERROR, std::string(what) + ": " + platform::error_string(e));
   };
   if (int s = check(platform::alloc_polled(reinterpret_cast<void**>(&ws->own), ws->buffer_bytes), "allocating the Lamport buffer")) return s;
+  count_device_bytes(ws, ws->buffer_bytes);
   ws->mapped[rank] = ws->own;
   if (int s = check(cudaMalloc(reinterpret_cast<void**>(&ws->ctrl), sizeof(ControlBlock)), "allocating the control block")) return s;
+  count_device_bytes(ws, sizeof(ControlBlock));
   if (int s = check(cudaMemset(ws->ctrl, 0, sizeof(ControlBlock)), "clearing the control block")) return s;
   if (int s = check(cudaHostAlloc(reinterpret_cast<void**>(&ws->fault_host), sizeof(ArmsFault), cudaHostAllocMapped),
                     "allocating the host-mapped fault record"))
@@ -97,6 +118,7 @@ int workspace_open_peers(ArmsWorkspace* ws, const uint8_t* handles) {
     }
     ws->mapped[r] = static_cast<uint32_t*>(peer);
     ws->opened[r] = true;
+    ipc_mappings_open++;
   }
   return ARMS_OK;
 }
@@ -132,6 +154,15 @@ int workspace_info(ArmsWorkspace* ws, ArmsWorkspaceInfo* out) {
   int open = 0;
   for (int r = 0; r < ARMS_MAX_RANKS; ++r) open += ws->opened[r] ? 1 : 0;
   out->peers_open = open;
+  out->reserved = 0;
+  return ARMS_OK;
+}
+
+int workspace_resources(ArmsBackendResources* out) {
+  if (!out) return fail(ARMS_INVALID_ARGUMENT, "resources: out is null");
+  out->workspaces_live = workspaces_live.load();
+  out->ipc_mappings_open = ipc_mappings_open.load();
+  out->device_bytes = device_bytes.load();
   out->reserved = 0;
   return ARMS_OK;
 }

@@ -2,7 +2,8 @@
 
 Used by every multi-process test (gloo on CPU, NCCL on GPUs). A rank that raises fails the test
 with its traceback; a rank that hangs is killed after `timeout` seconds and fails the test, so a
-test can never hang CI.
+test can never hang CI. A rank that reported success but then hangs or crashes on its way out
+fails the test too: leaving cleanly is part of what the library promises.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Seconds a rank may take to exit after it reported its result (interpreter teardown, CUDA
+# contexts); module-level so a test of this helper can shorten it.
+EXIT_TIMEOUT = 10.0
+
+
 def _entry(fn: Callable[..., Any], rank: int, world_size: int, backend: str, port: int, env: Dict[str, str],
-           args: tuple, queue: Any) -> None:
+           args: tuple, queue: Any, exit_hard: bool) -> None:
     import torch
     import torch.distributed as dist
 
@@ -39,19 +45,28 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, backend: str, por
         queue.put((rank, True, result))
     except BaseException:  # report everything, including assertion failures
         queue.put((rank, False, traceback.format_exc()))
+    if exit_hard:
+        # End like a killed server: no interpreter teardown, no destructors, no atexit. The queue's
+        # feeder thread must deliver the result first, or the parent would never see it.
+        queue.close()
+        queue.join_thread()
+        os._exit(0)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout: float = 180.0,
-              env: Optional[Dict[str, str]] = None) -> List[Any]:
+              env: Optional[Dict[str, str]] = None, exit_hard: bool = False) -> List[Any]:
     """Run fn(rank, world_size, *args) in world_size processes; return the per-rank results.
 
     fn must be a module-level function (it is pickled into spawned processes). Raises
-    AssertionError naming the rank on any failure or on timeout.
+    AssertionError naming the rank on any failure or on timeout, and, when every rank succeeded,
+    on a rank that then exits with a nonzero code or has to be killed after EXIT_TIMEOUT seconds.
+    exit_hard: each rank ends with os._exit(0) right after reporting (skipping interpreter exit).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, backend, port, dict(env or {}), args, queue))
+    procs = [ctx.Process(target=_entry,
+                         args=(fn, r, world_size, backend, port, dict(env or {}), args, queue, exit_hard))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -72,11 +87,18 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
                 failures.append(f"rank {rank} failed:\n{payload}")
                 results[rank] = None
     finally:
-        for p in procs:
-            p.join(timeout=10)
+        exits: List[str] = []
+        for r, p in enumerate(procs):
+            p.join(timeout=EXIT_TIMEOUT)
             if p.is_alive():
                 p.kill()
                 p.join()
+                exits.append(f"rank {r} reported success but did not exit within {EXIT_TIMEOUT} s (killed)")
+            elif p.exitcode != 0:
+                exits.append(f"rank {r} reported success but exited with code {p.exitcode}")
+    # After a failure the other ranks may be stuck in a collective: killing them is expected then.
+    if not failures:
+        failures = exits
     if failures:
         raise AssertionError("\n".join(failures))
     return [results[r] for r in range(world_size)]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import allreduce_rms
+from allreduce_rms import _native
 from distributed import run_ranks
 from numerics import DTYPES, TOLERANCE, reference, rel_err
 
@@ -260,25 +261,35 @@ def test_lost_peer_writes_end_on_fallback_within_bound():
         assert r["elapsed"] < 15 and r["ok"], r
 
 
+def _resources_since(baseline):
+    """The backend's process-wide counts minus `baseline` (this process may hold other workspaces)."""
+    now = _native.backend_resources()
+    return tuple(now[k] - baseline[k] for k in ("workspaces_live", "ipc_mappings_open", "device_bytes"))
+
+
 def _lifecycle_worker(rank, world):
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
     qkv, qw, kw, qs, ks, q_ref, _ = _problem(11, 8, 6144, 1024, torch.bfloat16, world, rank, dev)
+    assert _native.load(_native.device_backend_name()) is None  # so the baseline is a real count
+    baseline = _native.backend_resources()
 
     def cycle():
         with allreduce_rms.Workspace(max_tokens=1024) as ws:
             assert ws.path == "fused", ws.reason
             q, _ = allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, ws)
             assert rel_err(q, q_ref) <= TOLERANCE[torch.bfloat16]
-            peers = ws.info()["peers_open"]
-        return peers
+            info = ws.info()
+            live, mappings, nbytes = _resources_since(baseline)
+        return info["peers_open"], live, mappings, nbytes - info["buffer_bytes"]
 
     cycle()  # warm-up: contexts, peer access, allocator pools
     torch.cuda.synchronize()
     free_before = torch.cuda.mem_get_info(dev)[0]
-    peers = [cycle() for _ in range(100)]
+    open_counts = [cycle() for _ in range(100)]
     torch.cuda.synchronize()
     free_after = torch.cuda.mem_get_info(dev)[0]
+    after_cycles = _resources_since(baseline)
     # two workspaces on two groups, used interleaved
     other = dist.new_group(list(range(world)))
     a = allreduce_rms.Workspace(max_tokens=64)
@@ -287,13 +298,89 @@ def _lifecycle_worker(rank, world):
         qa, _ = allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, a)
         qb, _ = allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, b)
     interleaved_ok = rel_err(qa, q_ref) <= TOLERANCE[torch.bfloat16] and torch.equal(qa, qb)
+    two_open = _resources_since(baseline)[:2]
     a.close()
     b.close()
-    return {"leak_bytes": free_before - free_after, "peers": set(peers), "interleaved_ok": interleaved_ok}
+    return {"leak_bytes": free_before - free_after, "open_counts": {c[:3] for c in open_counts},
+            "extra_bytes": {c[3] for c in open_counts}, "interleaved_ok": interleaved_ok,
+            "after_cycles": after_cycles, "two_open": two_open, "after_close": _resources_since(baseline)}
 
 
 def test_hundred_workspaces_leak_nothing():
     for r in run_ranks(_lifecycle_worker, WORLD, backend="nccl", timeout=300):
-        assert r["peers"] == {WORLD - 1}, r
+        # every open workspace: its peers mapped, and exactly one workspace and world - 1 mappings
+        # more in the backend's own process-wide counts
+        assert r["open_counts"] == {(WORLD - 1, 1, WORLD - 1)}, r
+        # its device bytes: the Lamport buffer plus one control block (a few words)
+        assert len(r["extra_bytes"]) == 1 and 0 < min(r["extra_bytes"]) <= 256, r
         assert r["leak_bytes"] < 4 * 2**20, r  # less than 4 MiB over 100 create/close cycles
         assert r["interleaved_ok"], r
+        assert r["two_open"] == (2, 2 * (WORLD - 1)), r
+        # (live workspaces, open IPC mappings, device bytes) back to where the test started
+        assert r["after_cycles"] == (0, 0, 0), r
+        assert r["after_close"] == (0, 0, 0), r
+
+
+# Workspaces the exit test leaves open on purpose: a module global keeps them alive, so no
+# destructor runs before the interpreter (or os._exit) ends the process.
+_LEFT_OPEN = []
+
+
+def _exit_without_close_worker(rank, world):
+    dev = torch.device("cuda", rank)
+    ws = allreduce_rms.Workspace(max_tokens=4096)
+    assert ws.path == "fused", ws.reason
+    _LEFT_OPEN.append(ws)
+    qkv, qw, kw, qs, ks, q_ref, k_ref = _problem(13, 100, 6144, 1024, torch.bfloat16, world, rank, dev)
+    q, k = allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, ws)
+    torch.cuda.synchronize(dev)
+    ok = rel_err(q, q_ref) <= TOLERANCE[torch.bfloat16] and rel_err(k, k_ref) <= TOLERANCE[torch.bfloat16]
+    # no rank leaves while a peer still runs the exchange: the test is about exiting, not racing
+    dist.barrier()
+    return {"ok": ok, "resources": _native.backend_resources()}
+
+
+def _fresh_round_worker(rank, world):
+    dev = torch.device("cuda", rank)
+    with allreduce_rms.Workspace(max_tokens=256) as ws:
+        assert ws.path == "fused", ws.reason
+        qkv, qw, kw, qs, ks, q_ref, k_ref = _problem(17, 33, 6144, 1024, torch.bfloat16, world, rank, dev)
+        q, k = allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, ws)
+        ws.synchronize()
+        return max(rel_err(q, q_ref), rel_err(k, k_ref))
+
+
+def _shm_entries():
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.parametrize("exit_hard", [False, True], ids=["interpreter-exit", "os-exit"])
+def test_exit_without_close_leaves_nothing_behind(exit_hard):
+    devices = range(WORLD)
+    for i in devices:  # create this process's contexts first, so they are in both measurements
+        torch.cuda.mem_get_info(i)
+    free_before = [torch.cuda.mem_get_info(i)[0] for i in devices]
+    shm_before = _shm_entries()
+
+    # run_ranks fails if a rank hangs or crashes on its way out: exactly the bug looked for here
+    results = run_ranks(_exit_without_close_worker, WORLD, backend="nccl", timeout=180, exit_hard=exit_hard)
+    for r in results:
+        assert r["ok"], r
+        # the workspace really was open when the process ended
+        assert r["resources"]["workspaces_live"] == 1 and r["resources"]["ipc_mappings_open"] == WORLD - 1, r
+
+    # the driver frees a dead process's memory asynchronously: wait for it, within bounds
+    slack = 8 * 2**20
+    deadline = time.monotonic() + 5
+    while True:
+        lost = [before - torch.cuda.mem_get_info(i)[0] for i, before in zip(devices, free_before)]
+        if all(b <= slack for b in lost) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all(b <= slack for b in lost), f"GPU memory not given back after exit (bytes per GPU): {lost}"
+    left = sorted(e for e in _shm_entries() - shm_before if any(s in e.lower() for s in ("allreduce", "arms", "nccl")))
+    assert not left, f"new /dev/shm entries left behind: {left}"
+
+    # the GPUs still work: a fresh group creates a workspace and gets the right answer
+    for err in run_ranks(_fresh_round_worker, 2, backend="nccl", timeout=120):
+        assert err <= TOLERANCE[torch.bfloat16], err

@@ -14,6 +14,7 @@ import torch
 
 import allreduce_rms
 from allreduce_rms import Workspace, WorkspaceError, workspace_for
+from allreduce_rms import _native
 from allreduce_rms import workspace as wsmod
 from distributed import run_ranks
 
@@ -192,3 +193,34 @@ def test_fork_child_in_a_group(lifecycle):
     code = lifecycle[0]["fork_code"]
     assert code == 0, FORK_CODES.get(code, f"child exit code {code}")
     assert all(res["after_fork"] for res in lifecycle)
+
+
+def test_backend_resources_of_an_unloaded_backend_are_zero(monkeypatch):
+    # a backend that was never loaded cannot hold anything, and asking must not load it
+    monkeypatch.setattr(_native, "_load_errors", {})
+    zeros = {"workspaces_live": 0, "ipc_mappings_open": 0, "device_bytes": 0, "loaded": False}
+    assert _native.backend_resources() == zeros
+    assert _native._load_errors == {}
+    monkeypatch.setattr(_native, "_front", None)  # a checkout that was never built
+    assert _native.backend_resources() == zeros
+
+
+def test_backend_resources_of_the_loaded_backend():
+    name = _native.device_backend_name()
+    error = _native.load(name)
+    if error is not None:
+        pytest.skip(f"the {name} backend does not load here: {error}")
+    res = _native.backend_resources()
+    assert res["loaded"] is True and set(res) == {"workspaces_live", "ipc_mappings_open", "device_bytes", "loaded"}
+    assert all(isinstance(v, int) and v >= 0 for k, v in res.items() if k != "loaded")
+    if not torch.cuda.is_available():  # without a GPU no workspace can have been created
+        assert res == {"workspaces_live": 0, "ipc_mappings_open": 0, "device_bytes": 0, "loaded": True}
+    # a creation refused on its arguments allocates nothing and counts nothing
+    with pytest.raises(ValueError, match="nranks"):
+        _native.front().NativeWorkspace(_native.dl_device_type(), 0, 0, 0, 2, 10**9)
+    assert _native.backend_resources() == res
+    # the front module refuses a backend that is not loaded, naming it
+    other = {"cuda": "hip", "hip": "cuda"}[name]
+    if _native.load(other) is not None:
+        with pytest.raises(RuntimeError, match=f"no {other.upper()} backend loaded"):
+            _native.front().backend_resources(_native._DL_CODES[other])

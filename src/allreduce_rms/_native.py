@@ -100,6 +100,26 @@ def backends() -> List[Dict[str, Any]]:
     return report
 
 
+def backend_resources() -> Dict[str, Any]:
+    """What the GPU backend of this torch build (CUDA, or HIP on ROCm) holds, process-wide.
+
+    Returns a dict with ``workspaces_live`` (native workspaces not yet closed),
+    ``ipc_mappings_open`` (peer buffers mapped through CUDA/HIP IPC and not yet closed),
+    ``device_bytes`` (Lamport buffers and control blocks of the live workspaces) and ``loaded``.
+    Compare two snapshots to check that closing workspaces gave everything back.
+
+    This never loads the backend: one that is not loaded in this process (never used, not
+    built, failed to load, or no front module) cannot have allocated anything, so its counts
+    are 0 and ``loaded`` is False. No GPU is needed and the device is not synchronized.
+    """
+    name = device_backend_name()
+    with _lock:
+        loaded = _front is not None and _load_errors.get(name) == ""
+    if not loaded:
+        return {"workspaces_live": 0, "ipc_mappings_open": 0, "device_bytes": 0, "loaded": False}
+    return {**_front.backend_resources(_DL_CODES[name]), "loaded": True}
+
+
 def current_stream(device: torch.device) -> int:
     """The raw current stream handle of `device` (cheap: no Python stream object is built)."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
