@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "backend_internal.h"
@@ -108,6 +109,15 @@ DeviceLimits device_limits(int device) {
 
 // Blocks of `fn` at `block` threads that fit on one SM at once (cached: the query is slow, and
 // this runs on every launch).
+// Dynamic shared memory `fn` has been allowed on `device` so far (call with the cache lock held).
+int& shared_allowed(KernelFn fn, int device) {
+  static std::vector<std::pair<std::pair<KernelFn, int>, int>> allowed;
+  for (auto& entry : allowed)
+    if (entry.first.first == fn && entry.first.second == device) return entry.second;
+  allowed.push_back({{fn, device}, 48 * 1024});  // the default every kernel gets without opting in
+  return allowed.back().second;
+}
+
 // `shared` bytes of dynamic shared memory per block (opted in here, once per kernel and size).
 int blocks_per_sm(KernelFn fn, int block, int device, int shared = 0) {
   struct Entry {
@@ -122,8 +132,12 @@ int blocks_per_sm(KernelFn fn, int block, int device, int shared = 0) {
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : cache)
     if (e.fn == fn && e.block == block && e.device == device && e.shared == shared) return e.blocks;
+  // The opt-in is an attribute of the kernel, not of the launch: only ever raise it, so a launch
+  // planned earlier with a larger ring stays valid.
+  int& allowed = shared_allowed(fn, device);
+  if (shared > allowed && platform::allow_dynamic_shared(fn, shared) == platform::kSuccess) allowed = shared;
   int n = 0;
-  if ((shared > 0 && platform::allow_dynamic_shared(fn, shared) != platform::kSuccess) ||
+  if ((shared > 0 && shared > allowed) ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, block, shared) != platform::kSuccess) {
     cudaGetLastError();
     n = shared > 0 ? 0 : 1;  // a ring that cannot be opted in: no streaming
