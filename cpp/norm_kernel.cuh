@@ -47,8 +47,6 @@ struct KernelParams {
   int32_t row_vecs;  // vectors of all segments in one row
   int32_t tokens;
   int32_t tokens_per_tile;
-  int32_t ring_slots;  // stream_kernel only: tokens its shared-memory ring holds
-  int32_t lag;         // stream_kernel only: tokens between sending a statistic and using it
   float eps;
   float* stats;  // [tokens, num_segments]
   LamportParams lamport;

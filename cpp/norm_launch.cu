@@ -1,17 +1,13 @@
-// Host launcher of the norm kernels: picks the vector width and the vectors per thread from the
-// row width and alignment, picks norm_kernel (registers, few tokens per block) or stream_kernel
-// (shared-memory ring, many tokens per block), sizes blocks, tiles and rings, clamps the grid to
-// co-resident blocks, splits token counts above the workspace capacity into chunks, and launches
-// with PDL where supported.
+// Host launcher of the norm kernel: picks the vector width and the vectors per thread from the
+// row width and alignment, sizes blocks and tiles, clamps the grid to co-resident blocks, splits
+// token counts above the workspace capacity into chunks, and launches with PDL where supported.
 #include <mutex>
 #include <string>
 #include <unordered_map>
-#include <utility>
 #include <vector>
 
 #include "backend_internal.h"
 #include "norm_kernel.cuh"
-#include "stream_kernel.cuh"
 
 namespace arms {
 
@@ -43,44 +39,13 @@ KernelFn kernel_for(bool wide, int vpt, int mode) {
   }
 }
 
-template <class D, int VPT>
-KernelFn stream_kernel_for_mode(int mode) {
-  constexpr int kVec = 16 / sizeof(typename D::storage);
-  return mode == ARMS_MODE_LOCAL ? stream_kernel<D, kVec, VPT, ARMS_MODE_LOCAL> : stream_kernel<D, kVec, VPT, ARMS_MODE_LAMPORT>;
-}
-
-template <class D>
-KernelFn stream_kernel_for(int vpt, int mode) {
-  switch (vpt) {
-    case 1: return stream_kernel_for_mode<D, 1>(mode);
-    case 2: return stream_kernel_for_mode<D, 2>(mode);
-    case 4: return stream_kernel_for_mode<D, 4>(mode);
-    default: return stream_kernel_for_mode<D, 8>(mode);
-  }
-}
-
 int element_bytes(int dtype) { return dtype == ARMS_F32 ? 4 : 2; }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Which kernel serves a launch: ALLREDUCE_RMS_KERNEL=auto (default), register or stream.
-enum class KernelChoice { kAuto, kRegister, kStream };
-
-int env_int(const char* name, int fallback) {
-  const char* v = getenv(name);
-  return v && *v ? atoi(v) : fallback;
-}
-
 struct DeviceLimits {
   int sms = 0;
   bool pdl = false;
-  int shared_per_block = 0;
-  int shared_per_sm = 0;
-  KernelChoice choice = KernelChoice::kAuto;
-  int stream_min_tokens = 0;    // tokens per block from which auto picks stream_kernel
-  int stream_max_lag = 0;       // cap on the lag (tuning knob)
-  int stream_blocks_per_sm = 0; // 0: two where the ring fits, else one
-  int vpt = 0;                  // 0: automatic; 1/2/4/8 forces vectors per thread where they fit
 };
 
 DeviceLimits device_limits(int device) {
@@ -93,97 +58,32 @@ DeviceLimits device_limits(int device) {
   cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device);
   limits.pdl = platform::device_supports_pdl(device);
   if (const char* env = getenv("ALLREDUCE_RMS_PDL")) limits.pdl = limits.pdl && env[0] != '0';
-  limits.shared_per_block = platform::max_shared_per_block(device);
-  limits.shared_per_sm = platform::max_shared_per_sm(device);
-  if (const char* env = getenv("ALLREDUCE_RMS_KERNEL")) {
-    const std::string v = env;
-    limits.choice = v == "register" ? KernelChoice::kRegister : v == "stream" ? KernelChoice::kStream : KernelChoice::kAuto;
-  }
-  limits.stream_min_tokens = env_int("ALLREDUCE_RMS_STREAM_MIN_TOKENS", kStreamMinTokensPerBlock);
-  limits.stream_max_lag = env_int("ALLREDUCE_RMS_STREAM_MAX_LAG", kStreamMaxRing);
-  limits.stream_blocks_per_sm = env_int("ALLREDUCE_RMS_STREAM_BLOCKS_PER_SM", 0);
-  limits.vpt = env_int("ALLREDUCE_RMS_VPT", 0);
   cache[device] = limits;
   return limits;
 }
 
 // Blocks of `fn` at `block` threads that fit on one SM at once (cached: the query is slow, and
 // this runs on every launch).
-// Dynamic shared memory `fn` has been allowed on `device` so far (call with the cache lock held).
-int& shared_allowed(KernelFn fn, int device) {
-  static std::vector<std::pair<std::pair<KernelFn, int>, int>> allowed;
-  for (auto& entry : allowed)
-    if (entry.first.first == fn && entry.first.second == device) return entry.second;
-  allowed.push_back({{fn, device}, 48 * 1024});  // the default every kernel gets without opting in
-  return allowed.back().second;
-}
-
-// `shared` bytes of dynamic shared memory per block (opted in here, once per kernel and size).
-int blocks_per_sm(KernelFn fn, int block, int device, int shared = 0) {
+int blocks_per_sm(KernelFn fn, int block, int device) {
   struct Entry {
     KernelFn fn;
     int block;
     int device;
-    int shared;
     int blocks;
   };
   static std::mutex mutex;
   static std::vector<Entry> cache;
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : cache)
-    if (e.fn == fn && e.block == block && e.device == device && e.shared == shared) return e.blocks;
-  // The opt-in is an attribute of the kernel, not of the launch: only ever raise it, so a launch
-  // planned earlier with a larger ring stays valid.
-  int& allowed = shared_allowed(fn, device);
-  if (shared > allowed && platform::allow_dynamic_shared(fn, shared) == platform::kSuccess) allowed = shared;
+    if (e.fn == fn && e.block == block && e.device == device) return e.blocks;
   int n = 0;
-  if ((shared > 0 && shared > allowed) ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, block, shared) != platform::kSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, block, 0) != platform::kSuccess) {
     cudaGetLastError();
-    n = shared > 0 ? 0 : 1;  // a ring that cannot be opted in: no streaming
+    n = 1;
   }
-  if (n < 0) n = 0;
-  if (shared == 0 && n < 1) n = 1;
-  cache.push_back({fn, block, device, shared, n});
+  if (n < 1) n = 1;
+  cache.push_back({fn, block, device, n});
   return n;
-}
-
-// stream_kernel's ring for one launch shape: slots and lag from the shared memory of the SM.
-struct StreamPlan {
-  KernelFn fn = nullptr;
-  int slots = 0;
-  int lag = 0;
-  int shared = 0;      // dynamic bytes per block
-  int coresident = 0;  // blocks of the grid that fit at once (0: no plan)
-};
-
-StreamPlan plan_stream(KernelFn fn, int block, int64_t row_vecs, int device, const DeviceLimits& limits) {
-  StreamPlan plan;
-  // static arrays of stream_kernel, plus what the runtime reserves per block (1 KiB on sm_80+)
-  const int fixed = static_cast<int>(sizeof(float) * kStreamMaxRing * (kMaxBlockThreads / platform::kWarpSize + 1) *
-                                     ARMS_MAX_SEGMENTS) + 1024;
-  const int64_t row_bytes = row_vecs * 16;
-  for (int per_sm : {2, 1}) {
-    if (limits.stream_blocks_per_sm && per_sm != limits.stream_blocks_per_sm) continue;
-    int64_t budget = limits.shared_per_sm / per_sm - fixed;
-    if (budget > limits.shared_per_block - fixed + 1024) budget = limits.shared_per_block - fixed + 1024;
-    int64_t slots = budget / row_bytes;
-    if (slots > kStreamMaxRing) slots = kStreamMaxRing;
-    int64_t lag = slots - kStreamPrefetch - 1;  // R >= P + L + 1 (stream_kernel.cuh)
-    if (lag > limits.stream_max_lag) lag = limits.stream_max_lag;
-    if (lag < 1) continue;
-    slots = kStreamPrefetch + lag + 1;
-    const int shared = static_cast<int>(slots * row_bytes);
-    const int blocks = blocks_per_sm(fn, block, device, shared);
-    if (blocks < 1) continue;
-    plan.fn = fn;
-    plan.slots = static_cast<int>(slots);
-    plan.lag = static_cast<int>(lag);
-    plan.shared = shared;
-    plan.coresident = blocks * (limits.sms > 0 ? limits.sms : 1);
-    return plan;
-  }
-  return plan;
 }
 
 }  // namespace
@@ -228,11 +128,10 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   }
   const int vec = wide ? vec_wide : 1;
   int64_t row_vecs = row_elems / vec;
-  const DeviceLimits limits = device_limits(a->device);
   int vpt = 8;
   if (wide)
     for (int candidate : {1, 2, 4, 8})
-      if ((row_vecs + candidate - 1) / candidate <= kMaxBlockThreads && candidate >= limits.vpt) {
+      if ((row_vecs + candidate - 1) / candidate <= kMaxBlockThreads) {
         vpt = candidate;
         break;
       }
@@ -248,17 +147,8 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   KernelFn fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, vpt, mode)
               : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, vpt, mode)
                                      : kernel_for<BF16>(wide, vpt, mode);
+  const DeviceLimits limits = device_limits(a->device);
   const int coresident = blocks_per_sm(fn, block, a->device) * (limits.sms > 0 ? limits.sms : 1);
-  StreamPlan stream_plan;
-  const bool stream_candidate = limits.choice == KernelChoice::kStream ||
-                                (limits.choice == KernelChoice::kAuto &&
-                                 a->tokens >= static_cast<int64_t>(limits.stream_min_tokens) * limits.sms);
-  if (wide && (mode == ARMS_MODE_LOCAL || mode == ARMS_MODE_LAMPORT) && stream_candidate) {
-    KernelFn sfn = a->dtype == ARMS_F32 ? stream_kernel_for<F32>(vpt, mode)
-                 : a->dtype == ARMS_F16 ? stream_kernel_for<F16>(vpt, mode)
-                                        : stream_kernel_for<BF16>(vpt, mode);
-    stream_plan = plan_stream(sfn, block, row_vecs, a->device, limits);
-  }
   const int tpb_max = tile_tokens_max(vpt);
 
   KernelParams p = {};
@@ -294,18 +184,6 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
       chunk.seg[s].out = g.out ? static_cast<char*>(g.out) + start * g.out_row_stride * e : nullptr;
     }
     if (a->stats) chunk.stats = a->stats + start * a->num_segments;
-    const StreamPlan& sp = stream_plan;
-    if (sp.coresident > 0 && (limits.choice == KernelChoice::kStream ||
-                              tokens >= static_cast<int64_t>(limits.stream_min_tokens) * sp.coresident)) {
-      chunk.ring_slots = sp.slots;
-      chunk.lag = sp.lag;
-      // As below, every block must be resident: a block spins for statistics of tokens its
-      // peer-rank counterpart (same block index) sends.
-      const int grid = static_cast<int>(tokens < sp.coresident ? tokens : sp.coresident);
-      ARMS_RT(platform::launch_shared(sp.fn, grid, block, sp.shared, stream, limits.pdl, chunk),
-              "launching the streaming norm kernel");
-      continue;
-    }
     int tpb = static_cast<int>((tokens + coresident - 1) / coresident);
     tpb = tpb < 1 ? 1 : (tpb > tpb_max ? tpb_max : tpb);
     chunk.tokens_per_tile = tpb;

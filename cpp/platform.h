@@ -12,12 +12,7 @@
 //   pdl_wait() / pdl_trigger()     programmatic dependent launch (no-ops where unsupported)
 //   half_to_float / float_to_half  fp16 bit-pattern conversions
 //   alloc_polled / free_polled     device memory that peers write and this GPU polls
-//   async_copy16 / async_commit / async_wait<N>
-//                                  16-byte global-to-shared copies that overlap (a plain copy where
-//                                  the hardware has no asynchronous one)
-//   max_shared_per_block / max_shared_per_sm / allow_dynamic_shared
-//                                  shared-memory limits and the opt-in above the default
-//   launch(kernel, grid, block, stream, pdl, args...), launch_shared(..., shared_bytes, ...)
+//   launch(kernel, grid, block, stream, pdl, args...)
 //                                  one kernel launch with the launch attributes the vendor supports
 #pragma once
 

@@ -67,30 +67,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Asynchronous 16-byte copy from global to shared memory through L2 only (cp.async, sm_80+).
-// Copies issued since the last async_commit() form one group; async_wait<N>() returns once all but
-// the N most recent groups of this thread have landed, after which the thread may read what it
-// copied (other threads' copies need a barrier as well).
-__device__ __forceinline__ void async_copy16(void* shared, const void* global) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
-#else
-  *static_cast<uint4*>(shared) = *static_cast<const uint4*>(global);
-#endif
-}
-__device__ __forceinline__ void async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
 __device__ __forceinline__ float half_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 __device__ __forceinline__ uint16_t float_to_half(float f) { return __half_as_ushort(__float2half_rn(f)); }
 
@@ -106,31 +82,13 @@ inline bool device_supports_pdl(int device) {
   return major >= 9;
 }
 
-// Shared memory one block may use (after opting in), and one SM has in all.
-inline int max_shared_per_block(int device) {
-  int bytes = 0;
-  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return bytes;
-}
-inline int max_shared_per_sm(int device) {
-  int bytes = 0;
-  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  return bytes;
-}
-
-// Let `kernel` launch with up to `bytes` of dynamic shared memory (above 48 KiB needs an opt-in).
-template <class... KernelArgs>
-inline Error allow_dynamic_shared(void (*kernel)(KernelArgs...), int bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
-
 template <class... KernelArgs, class... Args>
-inline Error launch_shared(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, size_t shared_bytes,
-                           Stream stream, bool pdl, Args&&... args) {
+inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool pdl,
+                    Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(block);
-  config.dynamicSmemBytes = shared_bytes;
+  config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -138,12 +96,6 @@ inline Error launch_shared(void (*kernel)(KernelArgs...), unsigned grid, unsigne
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-
-template <class... KernelArgs, class... Args>
-inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool pdl,
-                    Args&&... args) {
-  return launch_shared(kernel, grid, block, 0, stream, pdl, std::forward<Args>(args)...);
 }
 
 }  // namespace platform

@@ -73,15 +73,6 @@ __device__ __forceinline__ uint64_t timer_ns() { return __builtin_amdgcn_s_memre
 __device__ __forceinline__ void pdl_wait() {}
 __device__ __forceinline__ void pdl_trigger() {}
 
-// No asynchronous global-to-shared copy here: a plain copy through registers, so the streaming
-// kernel stays correct (its loads simply do not overlap).
-__device__ __forceinline__ void async_copy16(void* shared, const void* global) {
-  *static_cast<uint4*>(shared) = *static_cast<const uint4*>(global);
-}
-__device__ __forceinline__ void async_commit() {}
-template <int N>
-__device__ __forceinline__ void async_wait() {}
-
 __device__ __forceinline__ float half_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 __device__ __forceinline__ uint16_t float_to_half(float f) { return __half_as_ushort(__float2half(f)); }
 
@@ -98,34 +89,11 @@ inline Error free_polled(void* p) { return hipFree(p); }
 
 inline bool device_supports_pdl(int) { return false; }
 
-// LDS one block may use, and one compute unit has (64 KiB on CDNA2/3, 160 KiB on CDNA4).
-inline int max_shared_per_block(int device) {
-  int bytes = 0;
-  hipDeviceGetAttribute(&bytes, hipDeviceAttributeMaxSharedMemoryPerBlock, device);
-  return bytes;
-}
-inline int max_shared_per_sm(int device) {
-  int bytes = 0;
-  hipDeviceGetAttribute(&bytes, hipDeviceAttributeMaxSharedMemoryPerMultiprocessor, device);
-  return bytes;
-}
-
-template <class... KernelArgs>
-inline Error allow_dynamic_shared(void (*kernel)(KernelArgs...), int bytes) {
-  return hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
-
 template <class... KernelArgs, class... Args>
-inline Error launch_shared(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, size_t shared_bytes,
-                           Stream stream, bool, Args&&... args) {
-  hipLaunchKernelGGL(kernel, dim3(grid), dim3(block), shared_bytes, stream, std::forward<Args>(args)...);
-  return hipGetLastError();
-}
-
-template <class... KernelArgs, class... Args>
-inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool pdl,
+inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool,
                     Args&&... args) {
-  return launch_shared(kernel, grid, block, 0, stream, pdl, std::forward<Args>(args)...);
+  hipLaunchKernelGGL(kernel, dim3(grid), dim3(block), 0, stream, std::forward<Args>(args)...);
+  return hipGetLastError();
 }
 
 }  // namespace platform

@@ -6,7 +6,6 @@
 #   STAGES="build tests bench reliability" bash scripts/gpu_run.sh      (default: all four)
 #   STAGES="build profile"   LOCAL-mode timing vs roofline, and Nsight Compute reports if ncu exists
 #   NCU_TOKENS="1 1024 8192" (token counts the profile stage captures with ncu)
-#   NCU_KERNELS="auto"       (ALLREDUCE_RMS_KERNEL values to profile: auto, register, stream)
 #   ARCHS=90a  (CUDA architectures to build; default 90a to keep the build short)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-run-out}
@@ -60,14 +59,12 @@ if has profile; then
   python3 "$OLDPWD/benchmarks/profile_kernel.py" --json "$OUT/profile-local-$card.json" 2>&1 | tee "$OUT/profile-local.txt" || status=1
   ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   if [ -n "$ncu_bin" ]; then
-    for kernel in ${NCU_KERNELS:-auto}; do
     for t in ${NCU_TOKENS:-1 1024 8192}; do
-      log "ncu at T=$t, kernel $kernel"
-      ALLREDUCE_RMS_KERNEL=$kernel "$ncu_bin" --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      log "ncu at T=$t"
+      "$ncu_bin" --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section LaunchStats -k regex:norm_kernel \
         --launch-skip 5 --launch-count 1 python3 "$OLDPWD/benchmarks/profile_kernel.py" --ncu-tokens "$t" \
-        > "$OUT/ncu-local-$kernel-T$t.txt" 2>&1 || status=1
-    done
+        > "$OUT/ncu-local-T$t.txt" 2>&1 || status=1
     done
   else
     log "no ncu on this machine"

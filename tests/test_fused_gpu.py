@@ -82,14 +82,8 @@ def _correctness_worker(rank, world):
     return {"checks": checks, "worst": worst, "calls": info["calls"]}
 
 
-# Both kernels, forced (the automatic choice takes the streaming one only from ~4 tokens per block).
-KERNELS = ["register", "stream"]
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_fused_matches_reference_and_fallback(kernel):
-    env = {"ALLREDUCE_RMS_KERNEL": kernel}
-    results = run_ranks(_correctness_worker, WORLD, backend="nccl", timeout=600, env=env)
+def test_fused_matches_reference_and_fallback():
+    results = run_ranks(_correctness_worker, WORLD, backend="nccl", timeout=600)
     for r in results:
         assert r["checks"] == len(DTYPES) * len(FULL_WIDTHS) * len(TOKENS) * 4
         # chunked calls advance the epoch once per chunk: more launches than calls
@@ -197,10 +191,8 @@ def _back_to_back_worker(rank, world):
     return {"calls": calls, "eager_s": eager_s, "pdl": os.environ.get("ALLREDUCE_RMS_PDL", "1")}
 
 
-@pytest.mark.parametrize("kernel", ["auto", "stream"])
-def test_back_to_back_calls_do_not_hang(kernel):
-    env = {"ALLREDUCE_RMS_KERNEL": kernel}
-    results = run_ranks(_back_to_back_worker, WORLD, backend="nccl", timeout=300, env=env)
+def test_back_to_back_calls_do_not_hang():
+    results = run_ranks(_back_to_back_worker, WORLD, backend="nccl", timeout=300)
     for r in results:
         assert r["calls"] == 250 * 9 + 1 + 100 * 20 + 100 + 0 or r["calls"] >= 250 * 9 + 2000, r
 
