@@ -11,6 +11,8 @@
 //   timer_ns()                     a device clock in nanoseconds, for bounded spins
 //   pdl_wait() / pdl_trigger()     programmatic dependent launch (no-ops where unsupported)
 //   half_to_float / float_to_half  fp16 bit-pattern conversions
+//   native_float_to_bf16           (optional, with ARMS_NATIVE_FLOAT_TO_BF16) a one-instruction
+//                                  float -> bf16 that float_to_bf16 below prefers
 //   alloc_polled / free_polled     device memory that peers write and this GPU polls
 //   launch(kernel, grid, block, stream, pdl, args...)
 //                                  one kernel launch with the launch attributes the vendor supports
@@ -39,11 +41,15 @@ ARMS_HOST_DEVICE inline float bf16_to_float(uint16_t bits) {
 
 // Round to nearest even, as torch does; NaN stays a (quiet) NaN.
 ARMS_HOST_DEVICE inline uint16_t float_to_bf16(float f) {
+#if defined(ARMS_NATIVE_FLOAT_TO_BF16)
+  return native_float_to_bf16(f);  // device pass only, where the vendor has an instruction
+#else
   uint32_t u;
   memcpy(&u, &f, sizeof(u));
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+#endif
 }
 
 }  // namespace platform
