@@ -24,7 +24,8 @@ def free_port() -> int:
 
 # Seconds a rank may take to exit after it reported its result (interpreter teardown, CUDA
 # contexts); module-level so a test of this helper can shorten it.
-EXIT_TIMEOUT = 10.0
+# A rank that ran torch.compile may need well over 10 s to stop Inductor's compile workers.
+EXIT_TIMEOUT = 60.0
 
 
 def _entry(fn: Callable[..., Any], rank: int, world_size: int, backend: str, port: int, env: Dict[str, str],
@@ -54,12 +55,13 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, backend: str, por
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout: float = 180.0,
-              env: Optional[Dict[str, str]] = None, exit_hard: bool = False) -> List[Any]:
+              env: Optional[Dict[str, str]] = None, exit_hard: bool = False,
+              exit_timeout: float = EXIT_TIMEOUT) -> List[Any]:
     """Run fn(rank, world_size, *args) in world_size processes; return the per-rank results.
 
     fn must be a module-level function (it is pickled into spawned processes). Raises
     AssertionError naming the rank on any failure or on timeout, and, when every rank succeeded,
-    on a rank that then exits with a nonzero code or has to be killed after EXIT_TIMEOUT seconds.
+    on a rank that then exits with a nonzero code or has to be killed after exit_timeout seconds.
     exit_hard: each rank ends with os._exit(0) right after reporting (skipping interpreter exit).
     """
     ctx = mp.get_context("spawn")
@@ -89,11 +91,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
     finally:
         exits: List[str] = []
         for r, p in enumerate(procs):
-            p.join(timeout=EXIT_TIMEOUT)
+            p.join(timeout=exit_timeout)
             if p.is_alive():
                 p.kill()
                 p.join()
-                exits.append(f"rank {r} reported success but did not exit within {EXIT_TIMEOUT} s (killed)")
+                exits.append(f"rank {r} reported success but did not exit within {exit_timeout} s (killed)")
             elif p.exitcode != 0:
                 exits.append(f"rank {r} reported success but exited with code {p.exitcode}")
     # After a failure the other ranks may be stuck in a collective: killing them is expected then.

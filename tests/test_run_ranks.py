@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-import distributed
 from distributed import run_ranks
 
 
@@ -43,10 +42,9 @@ def test_exit_hard_delivers_every_result():
     assert [r["rank"] for r in results] == [0, 1]
 
 
-def test_a_rank_that_hangs_at_exit_fails(monkeypatch):
-    monkeypatch.setattr(distributed, "EXIT_TIMEOUT", 2.0)
+def test_a_rank_that_hangs_at_exit_fails():
     with pytest.raises(AssertionError, match=r"rank 1 reported success but did not exit within 2.0 s"):
-        run_ranks(_hangs_at_exit_worker, 2, timeout=60)
+        run_ranks(_hangs_at_exit_worker, 2, timeout=60, exit_timeout=2.0)
 
 
 def test_a_rank_that_crashes_at_exit_fails():
@@ -54,9 +52,8 @@ def test_a_rank_that_crashes_at_exit_fails():
         run_ranks(_crashes_at_exit_worker, 2, timeout=60)
 
 
-def test_after_a_failure_only_the_failure_is_reported(monkeypatch):
+def test_after_a_failure_only_the_failure_is_reported():
     # the other ranks of a failed run may well be stuck: killing them is no second failure
-    monkeypatch.setattr(distributed, "EXIT_TIMEOUT", 2.0)
     with pytest.raises(AssertionError) as info:
-        run_ranks(_fails_and_peer_hangs_worker, 2, timeout=60)
+        run_ranks(_fails_and_peer_hangs_worker, 2, timeout=60, exit_timeout=2.0)
     assert "ValueError: injected" in str(info.value) and "did not exit" not in str(info.value)
