@@ -25,7 +25,8 @@ CAPACITY = 256
 # Full (all-rank) widths (q, k): MiniMax-M2 (48 x 128, 8 x 128), two other models, and per-rank
 # widths that are an odd multiple of the 8-element vector (37 x 8 and 5 x 8 per rank).
 FULL_WIDTHS = [(6144, 1024), (4096, 512), (8192, 256), (8 * 37, 8 * 5)]
-TOKENS = [0, 1, 7, 64, 1000, CAPACITY + 1, 3 * CAPACITY + 5]
+# 4099: above 24 tokens per SM on H100/H200, where the launcher switches to 4 vectors per thread
+TOKENS = [0, 1, 7, 64, 1000, CAPACITY + 1, 3 * CAPACITY + 5, 4099]
 
 
 def _problem(seed, tokens, q_full, k_full, dtype, world, rank, device):
