@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 from typing import Dict, List
 
 import torch
@@ -29,35 +28,12 @@ from allreduce_rms import bench
 TOKENS = [1, 8, 64, 256, 1024, 4096, 8192, 16384]
 
 
-def graph_us_per_call(fn, calls: int = 16, replays: int = 20) -> float:
-    """Median time per call of `calls` back-to-back calls captured in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_bandwidth_gbps() -> float:
-    """The benchmark's own copy-bandwidth measurement, so both rooflines mean the same thing."""
-    return bench.measure_copy_bandwidth(types.SimpleNamespace(cuda=True, device=torch.device("cuda")))
+def one_gpu_rank() -> "bench._Rank":
+    """A one-rank benchmark context on this GPU, so LOCAL mode is timed and its roofline computed
+    by the benchmark's own helpers (a graph of 16 back-to-back calls; here one replay per sample,
+    median of 20 samples)."""
+    cfg = bench.BenchConfig(device="cuda", iters=20, graph_calls=16, graph_replays=1)
+    return bench._Rank(0, 1, torch.device("cuda", torch.cuda.current_device()), cfg, None)
 
 
 def problem(tokens: int, q_size: int, kv_size: int):
@@ -85,13 +61,13 @@ def main(argv: List[str]) -> int:
         torch.cuda.synchronize()
         return 0
 
-    bandwidth = copy_bandwidth_gbps()
+    ctx = one_gpu_rank()
+    bandwidth = bench.measure_copy_bandwidth(ctx)
     rows: List[Dict[str, float]] = []
     print(f"{'T':>6} {'local us':>9} {'roofline us':>12} {'ratio':>6}")
     for tokens in args.tokens:
-        us = graph_us_per_call(problem(tokens, args.q_size, args.kv_size))
-        moved = 2 * tokens * (args.q_size + args.kv_size) * 2  # q, k read once and written once, bf16
-        roofline = moved / (bandwidth * 1e9) * 1e6
+        us = bench._time_graph(ctx, problem(tokens, args.q_size, args.kv_size))
+        roofline = bench.roofline_us(bench.roofline_bytes(tokens, args.q_size, args.kv_size, 2), bandwidth)
         rows.append({"T": tokens, "local_us": us, "roofline_us": roofline, "local_over_roofline": us / roofline})
         print(f"{tokens:>6} {us:>9.2f} {roofline:>12.2f} {us / roofline:>6.2f}", flush=True)
     if args.json:
