@@ -64,6 +64,13 @@ def _check_group(rank: int, world_size: int, ws: Workspace) -> None:
                          f"{ws.rank} of {ws.world_size}")
 
 
+def _ones_weight(size: int, dtype: Optional[torch.dtype], device: Optional[Union[torch.device, str, int]],
+                 ws: Workspace) -> nn.Parameter:
+    """A frozen weight of ones: float32 unless told, on the workspace's device unless told."""
+    target = device if device is not None else ws.device
+    return nn.Parameter(torch.ones(size, dtype=dtype or torch.float32, device=target), requires_grad=False)
+
+
 def _check_size(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -104,8 +111,7 @@ class TPRMSNorm(nn.Module):
         _check_size("size", size)
         self.workspace = _resolve_workspace(group, device)
         self.eps = float(eps)
-        factory = {"dtype": dtype or torch.float32, "device": device if device is not None else self.workspace.device}
-        self.weight = nn.Parameter(torch.ones(size, **factory), requires_grad=False)
+        self.weight = _ones_weight(size, dtype, device, self.workspace)
 
     @classmethod
     def from_full_weight(
@@ -179,9 +185,8 @@ class TPQKNorm(nn.Module):
         _check_size("kv_size", kv_size)
         self.workspace = _resolve_workspace(group, device)
         self.q_size, self.kv_size, self.eps = q_size, kv_size, float(eps)
-        factory = {"dtype": dtype or torch.float32, "device": device if device is not None else self.workspace.device}
-        self.q_weight = nn.Parameter(torch.ones(q_size, **factory), requires_grad=False)
-        self.k_weight = nn.Parameter(torch.ones(kv_size, **factory), requires_grad=False)
+        self.q_weight = _ones_weight(q_size, dtype, device, self.workspace)
+        self.k_weight = _ones_weight(kv_size, dtype, device, self.workspace)
 
     @classmethod
     def from_full_weight(
