@@ -15,6 +15,8 @@ int workspace_info(ArmsWorkspace*, ArmsWorkspaceInfo*);
 int workspace_destroy(ArmsWorkspace*);
 int workspace_resources(ArmsBackendResources*);
 int fused_norm(ArmsWorkspace*, const ArmsNormArgs*);
+int workspace_trace(ArmsWorkspace*, uint64_t*, int);
+int floor_launch(ArmsWorkspace*, int, void*);
 
 namespace {
 thread_local std::string last_error_message;
@@ -27,6 +29,7 @@ int device_count(int* count) {
 }
 
 int warp_size() { return platform::kWarpSize; }
+
 
 int norm(const ArmsNormArgs* args) {
   if (args->mode == ARMS_MODE_LAMPORT) return fail(ARMS_INVALID_ARGUMENT, "LAMPORT mode needs a workspace");
@@ -51,6 +54,10 @@ const ArmsBackendApi table = {
     workspace_destroy,
     fused_norm,
     workspace_resources,
+    describe_plan,
+    set_plan_override,
+    workspace_trace,
+    floor_launch,
 };
 }  // namespace
 

@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define ARMS_BACKEND_ABI_VERSION 2 /* 2: resources() */
+#define ARMS_BACKEND_ABI_VERSION 3 /* 2: resources(); 3: value+flag packets, plan, trace, floor */
 #define ARMS_BACKEND_SYMBOL "arms_backend_api"
 #define ARMS_MAX_RANKS 8
 #define ARMS_MAX_SEGMENTS 2
@@ -96,6 +96,24 @@ typedef struct ArmsBackendResources {
   int64_t reserved;
 } ArmsBackendResources;
 
+/* The launch plan the backend picks for a call (recorded by the benchmark). One block is one
+ * token group of warps_per_token warps; each thread holds vectors_per_thread vectors of
+ * vector_elems elements of a row. */
+typedef struct ArmsPlan {
+  int32_t warps_per_token;
+  int32_t vectors_per_thread;
+  int32_t vector_elems; /* 16 bytes' worth, or 1 on the unaligned path */
+  int32_t grid;         /* blocks of the first launch */
+  int32_t launches;     /* launches of the call (chunks above the workspace capacity) */
+  int32_t pdl;          /* 1: launched with programmatic dependent launch */
+} ArmsPlan;
+
+/* Floor probes (floor_launch): what a launch costs with nothing in it, and with the smallest
+ * Lamport exchange (one value+flag packet per peer). */
+typedef enum ArmsFloorKind { ARMS_FLOOR_EMPTY = 0, ARMS_FLOOR_EXCHANGE = 1 } ArmsFloorKind;
+
+#define ARMS_TRACE_POINTS 8 /* uint64 timestamps per traced launch */
+
 typedef struct ArmsWorkspace ArmsWorkspace; /* opaque */
 
 typedef struct ArmsBackendApi {
@@ -123,6 +141,18 @@ typedef struct ArmsBackendApi {
   int (*fused_norm)(ArmsWorkspace* ws, const ArmsNormArgs* args);
   /* Process-wide counters (ABI 2); host only, no device sync, safe from any thread. */
   int (*resources)(ArmsBackendResources* out);
+  /* ABI 3. The plan a call would use: capacity > 0 for a fused call on a workspace of that
+   * capacity, 0 for a local one (args->mode). */
+  int (*plan)(const ArmsNormArgs* args, int capacity, ArmsPlan* out);
+  /* Tuning: force warps per token and vectors per thread for every later launch (0 = automatic). */
+  int (*set_plan_override)(int warps_per_token, int vectors_per_thread);
+  /* Profiling: block 0 of every fused launch writes ARMS_TRACE_POINTS globaltimer stamps (entry,
+   * after the PDL wait, row loaded and reduced, partials sent, peers' partials arrived, stores
+   * issued) to trace[(call % depth) * ARMS_TRACE_POINTS ...]; trace = NULL turns it off. trace is
+   * device memory of depth * ARMS_TRACE_POINTS uint64. */
+  int (*workspace_trace)(ArmsWorkspace* ws, uint64_t* trace, int depth);
+  /* One floor-probe launch (ArmsFloorKind) on stream, on the workspace's device and peers. */
+  int (*floor_launch)(ArmsWorkspace* ws, int kind, void* stream);
 } ArmsBackendApi;
 
 typedef const ArmsBackendApi* (*ArmsBackendEntry)(void);

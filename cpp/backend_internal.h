@@ -30,8 +30,12 @@ int launch_norm(const ArmsNormArgs* args, const LamportParams* lamport);
 // Launch the functional peer probe and wait for it (bounded by timeout_ns).
 int run_probe(const LamportParams& lp, uint32_t nonce, int drop_peer_writes, int* all_arrived);
 
-// Fill `count` cells with the Lamport sentinel on `stream`.
-int fill_empty(uint32_t* cells, int64_t count, platform::Stream stream);
+// Choose the plan a call would use (see ArmsBackendApi::plan) and the tuning override.
+int describe_plan(const ArmsNormArgs* args, int capacity, ArmsPlan* out);
+int set_plan_override(int warps_per_token, int vectors_per_thread);
+
+// One floor-probe launch (ArmsFloorKind) with the exchange of lp.
+int launch_floor(const LamportParams& lp, int kind, int device, platform::Stream stream);
 
 }  // namespace arms
 
@@ -41,14 +45,16 @@ struct ArmsWorkspace {
   int nranks = 1;
   int capacity = 0;
   int64_t timeout_ns = 0;
-  uint32_t* own = nullptr;  // this rank's cells
+  uint64_t* own = nullptr;  // this rank's packets
   int64_t buffer_bytes = 0;
   int64_t counted_bytes = 0;  // device bytes this workspace added to the process-wide count
-  uint32_t* mapped[ARMS_MAX_RANKS] = {};  // peer buffers as opened here; mapped[rank] == own
+  uint64_t* mapped[ARMS_MAX_RANKS] = {};  // peer buffers as opened here; mapped[rank] == own
   bool opened[ARMS_MAX_RANKS] = {};       // which of mapped[] are IPC mappings to close
   arms::ControlBlock* ctrl = nullptr;
   ArmsFault* fault_host = nullptr;  // pinned, mapped: the kernel writes, the host reads
   ArmsFault* fault_device = nullptr;
+  uint64_t* trace = nullptr;  // optional per-launch timestamps (workspace_trace)
+  int trace_depth = 0;
 
   arms::LamportParams params(int op) const;
 };

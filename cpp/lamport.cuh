@@ -1,20 +1,28 @@
 // The Lamport exchange of per-token statistics between the ranks of one P2P domain.
 //
-// Each rank owns one buffer of uint32 cells, laid out as
-//     [slot 0..2][source rank 0..N-1][token 0..capacity-1][segment 0..1]   then   [probe 0..N-1]
-// and every rank holds a mapping of every peer's buffer. A launch with epoch e uses slot e % 3:
-//   1. it stores its own partial sum for (token, segment) into cell [slot][own rank][token][seg]
-//      of every peer's buffer;
-//   2. it spins on its own buffer until cell [slot][r][token][seg] is no longer the sentinel
-//      -0.0, for every peer r, and adds the N values (its own from a register) in rank order;
-//   3. it resets slot (e - 1) % 3, which the previous launch used, back to the sentinel.
-// Why three slots: while this rank runs launch e, a peer may already run launch e + 1 (it got
-// all it needed from us) and write into slot e + 1 of our buffer, but no peer can reach launch
-// e + 2 before we finish launch e + 1. So slot e - 1 == e + 2 is written by nobody while we clear it.
-// Why no fences around the data: every cell is its own flag. A 32-bit store is single-copy
-// atomic, so a reader sees either the sentinel or the whole value, and the writer turns a partial
-// of -0.0 into +0.0 so that a real value is never mistaken for the sentinel.
-// Why all ranks agree bit for bit: every rank adds the same N cells in the same order.
+// Each rank owns one buffer of 64-bit packets, laid out as
+//     [slot 0..1][source rank 0..N-1][token 0..capacity-1][segment 0..1]
+// followed by the probe cells [N] and the floor-probe cells [2][N], and every rank maps every
+// peer's buffer. A packet is (flag << 32) | float bits of one partial sum of squares; the flag
+// names the launch that wrote it. A launch with epoch e:
+//   1. stores its partial of (token, segment) into packet [e % 2][own rank][token][segment] of
+//      every peer's buffer, with flag(e);
+//   2. polls its own buffer until packet [e % 2][r][token][segment] carries flag(e), for every
+//      peer r, and adds the N partials (its own from a register) in rank order;
+//   3. advances the epoch (finish_launch).
+// Nothing is ever cleared back to a sentinel, and no fence separates the steps:
+// - Why the value needs no fence: a packet is one aligned 64-bit store, single-copy atomic, so
+//   a reader that sees flag(e) sees the partial written with it.
+// - Why two slots suffice: while this rank runs launch e, a peer may already run launch e + 1
+//   (it got all it needed from us) and write slot (e + 1) % 2. No peer can write launch e + 2's
+//   packets into slot e % 2 before it has our launch e + 1 packets, and we send those only after
+//   launch e has finished (the next launch starts with pdl_wait / stream order).
+// - Why a stale packet is never taken for a fresh one: slot e % 2 last held packets of launch
+//   e - 2 or older, whose flags differ from flag(e). Flags have 31 bits of epoch, and every
+//   2^28 launches (kRefreshMask) a launch zeroes the packets of its slot that it does not write
+//   (tokens >= T), so no packet lives long enough for its flag to come round again. Zero is
+//   never a flag (flags have the top bit set), so a zeroed or never-written packet never matches.
+// - Why all ranks agree bit for bit: every rank adds the same N partials in the same order.
 #pragma once
 
 #include "backend_api.h"
@@ -23,23 +31,28 @@
 
 namespace arms {
 
-constexpr int kSlots = 3;
-constexpr uint32_t kEmptyCell = 0x80000000u;  // -0.0f, the "not yet written" sentinel
-constexpr int kCellsPerToken = ARMS_MAX_SEGMENTS;
+constexpr int kSlots = 2;
+constexpr int kPacketsPerToken = ARMS_MAX_SEGMENTS;
+constexpr uint32_t kEpochMask = 0x7fffffffu;    // epochs count modulo 2^31 ...
+constexpr uint32_t kFlagBit = 0x80000000u;      // ... and flags set the top bit, so 0 is no flag
+constexpr uint32_t kRefreshMask = (1u << 28) - 1u;  // launches with (e & mask) < 2 zero stale packets
+constexpr int kTracePoints = 8;                 // uint64 timestamps per traced launch
 
 // Device-resident state of one rank's workspace, advanced by the kernel itself so that a CUDA
 // graph replays with no host work.
 struct ControlBlock {
-  uint32_t epoch;        // launches completed on this workspace; slot = epoch % 3
-  uint32_t prev_tokens;  // tokens the previous launch used: what this launch must clear
-  uint32_t blocks_done;  // blocks of the running launch that finished (last one advances epoch)
+  uint32_t epoch;        // launches completed on this workspace, modulo 2^31; slot = epoch % 2
   uint32_t failed;       // sticky: a spin timed out; every later launch outputs NaN and exits
+  uint32_t arrived;      // warps of the running launch that have read `epoch`
+  uint32_t floor_epoch;  // the floor probe's own epoch (floor_exchange_kernel)
 };
 
 struct LamportParams {
-  uint32_t* buffers[ARMS_MAX_RANKS];  // buffers[r]: rank r's cells as mapped here; [rank] is own
+  uint64_t* buffers[ARMS_MAX_RANKS];  // buffers[r]: rank r's packets as mapped here; [rank] is own
   ControlBlock* ctrl;
   ArmsFault* fault;  // host-mapped, so the host reads it without synchronizing the device
+  uint64_t* trace;   // optional [trace_depth][kTracePoints] timestamps of block 0 (profiling)
+  int32_t trace_depth;
   int32_t rank;
   int32_t nranks;
   int32_t capacity;  // tokens per slot
@@ -47,16 +60,54 @@ struct LamportParams {
   int64_t timeout_ns;
 };
 
-__host__ __device__ inline int64_t slot_cells(int nranks, int capacity) {
-  return static_cast<int64_t>(nranks) * capacity * kCellsPerToken;
+__host__ __device__ inline int64_t slot_packets(int nranks, int capacity) {
+  return static_cast<int64_t>(nranks) * capacity * kPacketsPerToken;
 }
-__host__ __device__ inline int64_t probe_offset(int nranks, int capacity) { return kSlots * slot_cells(nranks, capacity); }
-__host__ __device__ inline int64_t buffer_cells(int nranks, int capacity) {
+__host__ __device__ inline int64_t probe_offset(int nranks, int capacity) { return kSlots * slot_packets(nranks, capacity); }
+__host__ __device__ inline int64_t floor_offset(int nranks, int capacity) {
   return probe_offset(nranks, capacity) + nranks;
 }
-__device__ inline int64_t cell_index(const LamportParams& lp, uint32_t slot, int source, int token, int segment) {
-  return slot * slot_cells(lp.nranks, lp.capacity) + (static_cast<int64_t>(source) * lp.capacity + token) * kCellsPerToken +
-         segment;
+__host__ __device__ inline int64_t buffer_packets(int nranks, int capacity) {
+  return floor_offset(nranks, capacity) + kSlots * nranks;
+}
+
+__device__ __forceinline__ uint32_t flag_of(uint32_t epoch) { return epoch | kFlagBit; }
+__device__ __forceinline__ uint64_t make_packet(float partial, uint32_t flag) {
+  return (static_cast<uint64_t>(flag) << 32) | float_bits(partial);
+}
+__device__ __forceinline__ float packet_value(uint64_t packet) { return bits_float(static_cast<uint32_t>(packet)); }
+__device__ __forceinline__ uint32_t packet_flag(uint64_t packet) { return static_cast<uint32_t>(packet >> 32); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// What a launch learns from the control block before it exchanges anything.
+struct Epoch {
+  uint32_t epoch;
+  uint32_t flag;
+  uint32_t slot;
+  bool failed;
+};
+
+// Read the epoch (after pdl_wait: the previous launch wrote it) and count this warp as having
+// read it. The count lets finish_launch move the epoch on only after every warp of the launch
+// has read the old value; the read is an acquire, so the count cannot overtake it. One lane per
+// warp reads and counts; the others get the values by shuffle, so no load of theirs can be late.
+__device__ inline Epoch read_epoch(const LamportParams& lp, int lane) {
+  uint64_t words = 0;  // {epoch, failed}
+  if (lane == 0) {
+    words = platform::load_acquire_gpu_u64(&lp.ctrl->epoch);
+    if (gridDim.x > 1) platform::red_add_relaxed_gpu(&lp.ctrl->arrived, 1u);
+  }
+  Epoch e;
+  e.epoch = __float_as_uint(platform::warp_shfl(__uint_as_float(static_cast<uint32_t>(words)), 0));
+  e.failed = __float_as_uint(platform::warp_shfl(__uint_as_float(static_cast<uint32_t>(words >> 32)), 0)) != 0u;
+  e.flag = flag_of(e.epoch);
+  e.slot = e.epoch % kSlots;
+  return e;
+}
+
+__device__ __forceinline__ int64_t packet_index(const LamportParams& lp, uint32_t slot, int source, int token) {
+  return (static_cast<int64_t>(slot) * lp.nranks + source) * lp.capacity * kPacketsPerToken +
+         static_cast<int64_t>(token) * kPacketsPerToken;
 }
 
 // Record the first timeout of this workspace. The host-mapped record is written before its
@@ -74,84 +125,87 @@ __device__ inline void record_fault(const LamportParams& lp, int peer, uint32_t 
   platform::fence_system();
 }
 
-// Spin until a peer's cell is written, bounded by the workspace timeout. A NaN return poisons
-// the row, so a timed-out launch can never produce a plausible-looking wrong answer. The clock
-// and the shared failure flag are read every 32 polls only: each read is a round trip that would
-// otherwise delay noticing the peer's write.
-__device__ inline float wait_for_cell(const LamportParams& lp, const uint32_t* cell, int peer, uint32_t epoch,
-                                      int tokens) {
-  uint32_t bits = platform::load_relaxed_sys(cell);
-  if (bits != kEmptyCell) return bits_float(bits);
-  const uint64_t start = platform::timer_ns();
-  for (uint32_t polls = 1;; ++polls) {
-    bits = platform::load_relaxed_sys(cell);
-    if (bits != kEmptyCell) return bits_float(bits);
-    if (polls % 32 != 0) continue;
-    // Another thread timed out: stop now instead of waiting out our own full timeout.
-    if (platform::load_relaxed_sys(&lp.ctrl->failed) != 0u) return __int_as_float(0x7fc00000);
-    if (platform::timer_ns() - start > static_cast<uint64_t>(lp.timeout_ns)) {
-      record_fault(lp, peer, epoch, tokens);
-      return __int_as_float(0x7fc00000);
+// Lane r < N of the sending warp stores this rank's partials of `token` into rank r's buffer.
+// Adding +0.0 is not needed here (the flag, not the value, marks a packet as written).
+__device__ inline void send_partials(const LamportParams& lp, const Epoch& e, int token, int nseg, float p0, float p1,
+                                     int lane) {
+  if (lane >= lp.nranks || lane == lp.rank) return;
+  uint64_t* cell = lp.buffers[lane] + packet_index(lp, e.slot, lp.rank, token);
+  if (nseg == 1)
+    platform::store_relaxed_sys_u64(cell, make_packet(p0, e.flag));
+  else
+    platform::store_relaxed_sys_u64x2(cell, make_packet(p0, e.flag), make_packet(p1, e.flag));
+}
+
+// Lane r < N waits for rank r's partials of `token` (its own rank's from p0/p1 without a round
+// trip); other lanes return zeros. Bounded: on timeout the lane records the fault and returns
+// NaN, which poisons the row, so a timed-out launch never produces a plausible wrong answer.
+// The clock and the shared failure word are read every 32 polls only: each is a round trip that
+// would otherwise delay noticing the peer's write.
+__device__ inline float2 receive_partials(const LamportParams& lp, const Epoch& e, int token, int tokens, int nseg,
+                                          float p0, float p1, int lane) {
+  if (lane >= lp.nranks) return make_float2(0.f, 0.f);
+  if (lane == lp.rank) return make_float2(p0, p1);
+  if (e.failed) return make_float2(quiet_nan(), quiet_nan());
+  const uint64_t* cell = lp.buffers[lp.rank] + packet_index(lp, e.slot, lane, token);
+  uint64_t a = 0, b = 0;
+  auto arrived = [&]() {
+    if (nseg == 1) {
+      a = platform::load_relaxed_sys_u64(cell);
+      return packet_flag(a) == e.flag;
+    }
+    platform::load_relaxed_sys_u64x2(cell, a, b);
+    return packet_flag(a) == e.flag && packet_flag(b) == e.flag;
+  };
+  if (!arrived()) {
+    const uint64_t start = platform::timer_ns();
+    for (uint32_t polls = 1; !arrived(); ++polls) {
+      if (polls % 32 != 0) continue;
+      // Another thread timed out: stop now instead of waiting out our own full timeout.
+      if (platform::load_relaxed_sys(&lp.ctrl->failed) != 0u) return make_float2(quiet_nan(), quiet_nan());
+      if (platform::timer_ns() - start > static_cast<uint64_t>(lp.timeout_ns)) {
+        record_fault(lp, lane, e.epoch, tokens);
+        return make_float2(quiet_nan(), quiet_nan());
+      }
     }
   }
+  return make_float2(packet_value(a), nseg == 1 ? 0.f : packet_value(b));
 }
 
-// The lanes of a group of next_pow2(N) consecutive lanes serve one (token, segment) cell: lane r
-// sends this rank's partial to rank r (send_partial) and later waits for rank r's partial
-// (receive_partial), so the N sends and the N waits each overlap. The caller adds the group's
-// values in rank order.
-__device__ inline void send_partial(const LamportParams& lp, uint32_t slot, int token, int segment, float partial,
-                                    int r) {
-  // -0.0 is the sentinel; adding +0.0 turns -0.0 into +0.0 and leaves everything else unchanged.
-  platform::store_relaxed_sys(lp.buffers[r] + cell_index(lp, slot, lp.rank, token, segment), float_bits(partial + 0.0f));
-}
-
-// Rank r's partial of the cell (this rank's own one without a round trip).
-__device__ inline float receive_partial(const LamportParams& lp, uint32_t slot, uint32_t epoch, int token, int segment,
-                                        int tokens, float partial, int r) {
-  if (r == lp.rank) return partial + 0.0f;  // the same bits the peers received
-  return wait_for_cell(lp, lp.buffers[lp.rank] + cell_index(lp, slot, r, token, segment), r, epoch, tokens);
-}
-
-// Reset the cells the previous launch used to the sentinel. Run by the whole grid at the start
-// of a launch; plain stores suffice: they are complete when this kernel ends, and no peer can
-// write these cells before this rank has finished its next launch (see the slot argument above).
-__device__ inline void clear_previous_slot(const LamportParams& lp, uint32_t epoch, uint32_t prev_tokens) {
-  if (prev_tokens == 0) return;
-  uint32_t* own = lp.buffers[lp.rank];
-  const uint32_t prev_slot = (epoch + kSlots - 1) % kSlots;
-  // Cells per source are contiguous; capacity is even, so each run starts 16-byte aligned and
-  // rounding the run up to whole uint4 words stays inside the source's region.
-  const int64_t words_per_source = (static_cast<int64_t>(prev_tokens) * kCellsPerToken + 3) / 4;
-  const int64_t total = words_per_source * lp.nranks;
-  const uint4 empty = make_uint4(kEmptyCell, kEmptyCell, kEmptyCell, kEmptyCell);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+// Zero the packets of this launch's slot that it does not write (tokens >= T), on the rare
+// launches that kRefreshMask picks, so that no packet outlives its flag's wrap-around. Safe at
+// any point of launch e: peers write this slot of our buffer only in launch e (tokens < T) and
+// e + 2 (after our launch e + 1 has started, so after this launch has ended).
+__device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoch& e, int tokens) {
+  if ((e.epoch & kRefreshMask) >= 2u || tokens >= lp.capacity) return;
+  const int64_t stale = static_cast<int64_t>(lp.capacity - tokens) * kPacketsPerToken;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < stale * lp.nranks;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t source = i / words_per_source;
-    const int64_t word = i % words_per_source;
-    uint32_t* run = own + cell_index(lp, prev_slot, static_cast<int>(source), 0, 0);
-    reinterpret_cast<uint4*>(run)[word] = empty;
+    const int source = static_cast<int>(i / stale);
+    lp.buffers[lp.rank][packet_index(lp, e.slot, source, tokens) + i % stale] = 0u;
   }
 }
 
-// The last block to finish advances the epoch. Every block read the control words at its start
-// and fenced before counting itself done, so no block can still read the old epoch after it moves.
-// A one-block launch (decode) skips the counter: it is its own last block.
-__device__ inline void finish_launch(const LamportParams& lp, uint32_t epoch, int tokens) {
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  if (gridDim.x == 1) {
-    lp.ctrl->prev_tokens = static_cast<uint32_t>(tokens);
-    lp.ctrl->epoch = epoch + 1;
-    return;
+// Block 0's first thread moves the epoch on once every warp of the launch has read it (their
+// counts in `arrived`; a one-block launch has no other warps to wait for). No fence and no
+// returning atomic on the way: the next launch reads the new epoch only after this grid has
+// completed (pdl_wait / stream order), which makes every write of this grid visible to it.
+// The wait is bounded like every other spin; in practice the count is complete long before
+// block 0 gets here, since all blocks of a launch are co-resident and count themselves first.
+__device__ inline void finish_launch(const LamportParams& lp, const Epoch& e, int tokens) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  if (gridDim.x > 1) {
+    const uint32_t warps = gridDim.x * (blockDim.x / platform::kWarpSize);
+    const uint64_t start = platform::timer_ns();
+    while (platform::load_acquire_gpu(&lp.ctrl->arrived) < warps) {
+      if (platform::timer_ns() - start > static_cast<uint64_t>(lp.timeout_ns)) {
+        record_fault(lp, lp.rank, e.epoch, tokens);
+        return;
+      }
+    }
+    lp.ctrl->arrived = 0u;
   }
-  __threadfence();
-  if (atomicAdd(&lp.ctrl->blocks_done, 1u) == gridDim.x - 1) {
-    lp.ctrl->prev_tokens = static_cast<uint32_t>(tokens);
-    lp.ctrl->blocks_done = 0;
-    __threadfence();
-    lp.ctrl->epoch = epoch + 1;
-  }
+  lp.ctrl->epoch = (e.epoch + 1u) & kEpochMask;
 }
 
 }  // namespace arms

@@ -105,6 +105,42 @@ ArmsSegment segment(uintptr_t in, uintptr_t out, uintptr_t weight, int weight_dt
   return s;
 }
 
+ArmsNormArgs norm_args(int mode, int op, int device, int dtype, int64_t tokens, float eps, uintptr_t stats,
+                       uintptr_t stream, uintptr_t in0, uintptr_t out0, uintptr_t w0, int wdt0, int64_t is0,
+                       int64_t os0, int width0, int full0, uintptr_t in1, uintptr_t out1, uintptr_t w1, int wdt1,
+                       int64_t is1, int64_t os1, int width1, int full1) {
+  ArmsNormArgs a = {};
+  a.segment[0] = segment(in0, out0, w0, wdt0, is0, os0, width0, full0);
+  a.num_segments = 1;
+  if (in1) {
+    a.segment[1] = segment(in1, out1, w1, wdt1, is1, os1, width1, full1);
+    a.num_segments = 2;
+  }
+  a.dtype = dtype;
+  a.tokens = tokens;
+  a.eps = eps;
+  a.mode = mode;
+  a.op = op;
+  a.device = device;
+  a.stats = reinterpret_cast<float*>(stats);
+  a.stream = reinterpret_cast<void*>(stream);
+  return a;
+}
+
+nb::dict plan_dict(const ArmsBackendApi& api, const ArmsNormArgs& a, int capacity) {
+  ArmsPlan plan = {};
+  check(api, api.plan(&a, capacity, &plan));
+  nb::dict d;
+  d["warps_per_token"] = plan.warps_per_token;
+  d["vectors_per_thread"] = plan.vectors_per_thread;
+  d["vector_elems"] = plan.vector_elems;
+  d["grid"] = plan.grid;
+  d["block"] = plan.warps_per_token * api.warp_size();
+  d["launches"] = plan.launches;
+  d["pdl"] = plan.pdl != 0;
+  return d;
+}
+
 // One rank's Lamport workspace, owned by Python (allreduce_rms.Workspace wraps it).
 class NativeWorkspace {
  public:
@@ -164,22 +200,30 @@ class NativeWorkspace {
   void launch(int op, int dtype, int64_t tokens, float eps, uintptr_t stream, uintptr_t in0, uintptr_t out0,
               uintptr_t w0, int wdt0, int64_t is0, int64_t os0, int width0, int full0, uintptr_t in1, uintptr_t out1,
               uintptr_t w1, int wdt1, int64_t is1, int64_t os1, int width1, int full1) {
-    ArmsNormArgs a = {};
-    a.segment[0] = segment(in0, out0, w0, wdt0, is0, os0, width0, full0);
-    a.num_segments = 1;
-    if (in1) {
-      a.segment[1] = segment(in1, out1, w1, wdt1, is1, os1, width1, full1);
-      a.num_segments = 2;
-    }
-    a.dtype = dtype;
-    a.tokens = tokens;
-    a.eps = eps;
-    a.mode = ARMS_MODE_LAMPORT;
-    a.op = op;
-    a.device = device_;
-    a.stream = reinterpret_cast<void*>(stream);
+    const ArmsNormArgs a = norm_args(ARMS_MODE_LAMPORT, op, device_, dtype, tokens, eps, 0, stream, in0, out0, w0, wdt0,
+                                     is0, os0, width0, full0, in1, out1, w1, wdt1, is1, os1, width1, full1);
     check(*api_, api_->fused_norm(live(), &a));
   }
+
+  // The plan the fused launch with these arguments would use (for the benchmark's record).
+  nb::dict plan(int op, int dtype, int64_t tokens, uintptr_t in0, uintptr_t out0, uintptr_t w0, int wdt0, int64_t is0,
+                int64_t os0, int width0, int full0, uintptr_t in1, uintptr_t out1, uintptr_t w1, int wdt1, int64_t is1,
+                int64_t os1, int width1, int full1) {
+    ArmsWorkspaceInfo i = {};
+    check(*api_, api_->workspace_info(live(), &i));
+    const ArmsNormArgs a = norm_args(ARMS_MODE_LAMPORT, op, device_, dtype, tokens, 0.f, 0, 0, in0, out0, w0, wdt0,
+                                     is0, os0, width0, full0, in1, out1, w1, wdt1, is1, os1, width1, full1);
+    return plan_dict(*api_, a, i.capacity);
+  }
+
+  // Profiling: block 0 of every later fused launch writes its phase timestamps into `trace`
+  // (device memory of depth * TRACE_POINTS int64); trace = 0 turns it off.
+  void set_trace(uintptr_t trace, int depth) {
+    check(*api_, api_->workspace_trace(live(), reinterpret_cast<uint64_t*>(trace), depth));
+  }
+
+  // One floor-probe launch: kind FLOOR_EMPTY or FLOOR_EXCHANGE (see backend_api.h).
+  void floor(int kind, uintptr_t stream) { check(*api_, api_->floor_launch(live(), kind, reinterpret_cast<void*>(stream))); }
 
   void close() {
     if (ws_) {
@@ -206,22 +250,16 @@ void launch_local(int device_type, int device, int mode, int dtype, int64_t toke
                   int width0, int full0, uintptr_t in1, uintptr_t out1, uintptr_t w1, int wdt1, int64_t is1,
                   int64_t os1, int width1, int full1) {
   const ArmsBackendApi& api = backend(device_type);
-  ArmsNormArgs a = {};
-  a.segment[0] = segment(in0, out0, w0, wdt0, is0, os0, width0, full0);
-  a.num_segments = 1;
-  if (in1) {
-    a.segment[1] = segment(in1, out1, w1, wdt1, is1, os1, width1, full1);
-    a.num_segments = 2;
-  }
-  a.dtype = dtype;
-  a.tokens = tokens;
-  a.eps = eps;
-  a.mode = mode;
-  a.op = in1 ? ARMS_OP_QK_NORM : ARMS_OP_RMS_NORM;
-  a.device = device;
-  a.stats = reinterpret_cast<float*>(stats);
-  a.stream = reinterpret_cast<void*>(stream);
+  const ArmsNormArgs a = norm_args(mode, in1 ? ARMS_OP_QK_NORM : ARMS_OP_RMS_NORM, device, dtype, tokens, eps, stats,
+                                   stream, in0, out0, w0, wdt0, is0, os0, width0, full0, in1, out1, w1, wdt1, is1, os1,
+                                   width1, full1);
   check(api, api.norm(&a));
+}
+
+// Tuning: force the plan of every later launch of this backend (0, 0: automatic).
+void set_plan_override(int device_type, int warps_per_token, int vectors_per_thread) {
+  const ArmsBackendApi& api = backend(device_type);
+  check(api, api.set_plan_override(warps_per_token, vectors_per_thread));
 }
 
 int dtype_code(const nb::dlpack::dtype& dt, const char* name) {
@@ -298,6 +336,11 @@ NB_MODULE(_front, m) {
   m.def("backend_resources", &backend_resources, nb::arg("device_type"),
         "Live workspaces, open peer IPC mappings and workspace device bytes, over the whole process.");
   m.def("launch_local", &launch_local, "Local launch (no communication) with raw pointers.");
+  m.def("set_plan_override", &set_plan_override, nb::arg("device_type"), nb::arg("warps_per_token"),
+        nb::arg("vectors_per_thread"), "Tuning: force warps per token and vectors per thread (0, 0: automatic).");
+  m.attr("TRACE_POINTS") = ARMS_TRACE_POINTS;
+  m.attr("FLOOR_EMPTY") = static_cast<int>(ARMS_FLOOR_EMPTY);
+  m.attr("FLOOR_EXCHANGE") = static_cast<int>(ARMS_FLOOR_EXCHANGE);
   m.def("rms_norm", &rms_norm_dlpack, nb::arg("x"), nb::arg("weight"), nb::arg("out"), nb::arg("eps"),
         nb::arg("stream") = 0, "Single-rank RMSNorm of a 2-D DLPack tensor into out.");
 
@@ -310,6 +353,9 @@ NB_MODULE(_front, m) {
       .def("fault", &NativeWorkspace::fault)
       .def("info", &NativeWorkspace::info)
       .def("launch", &NativeWorkspace::launch)
+      .def("plan", &NativeWorkspace::plan)
+      .def("set_trace", &NativeWorkspace::set_trace, nb::arg("trace"), nb::arg("depth"))
+      .def("floor", &NativeWorkspace::floor, nb::arg("kind"), nb::arg("stream"))
       .def("close", &NativeWorkspace::close)
       .def_prop_ro("closed", &NativeWorkspace::closed);
 }

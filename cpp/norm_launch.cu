@@ -1,6 +1,9 @@
-// Host launcher of the norm kernel: picks the vector width and the vectors per thread from the
-// row width and alignment, sizes blocks and tiles, clamps the grid to co-resident blocks, splits
-// token counts above the workspace capacity into chunks, and launches with PDL where supported.
+// Host launcher of the norm kernel: picks the plan (vector width, warps per token, vectors per
+// thread) from the row width, its alignment and the token count, clamps the grid to co-resident
+// blocks, splits token counts above the workspace capacity into chunks, and launches with PDL
+// where supported.
+#include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -27,10 +30,13 @@ KernelFn kernel_for_mode(int mode) {
 
 // 16-byte vectors come with 1, 2, 4 or 8 of them per thread; the unaligned (scalar) path always
 // uses 8 elements per thread.
+constexpr int kScalarVpt = 8;
+constexpr int kMaxVpt = 8;
+
 template <class D>
 KernelFn kernel_for(bool wide, int vpt, int mode) {
   constexpr int kVec = 16 / sizeof(typename D::storage);
-  if (!wide) return kernel_for_mode<D, 1, 8>(mode);
+  if (!wide) return kernel_for_mode<D, 1, kScalarVpt>(mode);
   switch (vpt) {
     case 1: return kernel_for_mode<D, kVec, 1>(mode);
     case 2: return kernel_for_mode<D, kVec, 2>(mode);
@@ -86,6 +92,60 @@ int blocks_per_sm(KernelFn fn, int block, int device) {
   return n;
 }
 
+// Process-wide plan override for tuning runs (set_plan_override); 0 = automatic.
+int override_warps = 0;
+int override_vpt = 0;
+
+int pow2_floor(int64_t v) {
+  int p = 1;
+  while (p * 2 <= v) p *= 2;
+  return p;
+}
+int pow2_ceil(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Warps per token group, from the token count: enough warps in flight to fill the GPU
+// (kTargetWarpsPerSm per SM) when there are few tokens, so a decode step spreads one row over
+// up to a whole block; one or two warps per token at prefill, where each block walks many
+// tokens and loads the next while the current one's statistics are exchanged. Never more warps
+// than the row has 32-vector columns for.
+constexpr int kTargetWarpsPerSm = 16;
+
+struct Shape {
+  int warps;
+  int vpt;
+};
+
+Shape choose_shape(int64_t row_vecs, int64_t tokens, bool wide, int sms) {
+  const int warp = platform::kWarpSize;
+  const int max_warps = kMaxBlockThreads / warp;
+  const int useful = std::min(max_warps, pow2_ceil((row_vecs + warp - 1) / warp));
+  const int64_t target = static_cast<int64_t>(kTargetWarpsPerSm) * (sms > 0 ? sms : 1);
+  int warps = std::max(1, std::min(useful, pow2_floor(std::max<int64_t>(1, target / std::max<int64_t>(1, tokens)))));
+  if (!wide) {
+    while (warps < max_warps && static_cast<int64_t>(warps) * warp * kScalarVpt < row_vecs) warps *= 2;
+    return {warps, kScalarVpt};
+  }
+  for (;;) {
+    for (int vpt : {1, 2, 4, 8})
+      if (static_cast<int64_t>(warps) * warp * vpt >= row_vecs) return {warps, vpt};
+    if (warps >= max_warps) return {warps, kMaxVpt};  // too wide: the caller reports it
+    warps *= 2;
+  }
+}
+
+struct Plan {
+  KernelFn fn = nullptr;
+  int vec = 1;
+  int vpt = 1;
+  int block = 0;
+  int coresident = 1;
+  bool pdl = false;
+};
+
 }  // namespace
 
 int fail(int status, const std::string& message);
@@ -97,19 +157,27 @@ int use_device(int device) {
   return ARMS_OK;
 }
 
-int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
-  const int mode = lamport ? ARMS_MODE_LAMPORT : a->mode;
+int set_plan_override(int warps, int vpt) {
+  const int max_warps = kMaxBlockThreads / platform::kWarpSize;
+  if (warps < 0 || warps > max_warps || (warps & (warps - 1)) != 0)
+    return fail(ARMS_INVALID_ARGUMENT,
+                "warps_per_token must be 0 (automatic) or a power of two up to " + std::to_string(max_warps));
+  if (vpt != 0 && vpt != 1 && vpt != 2 && vpt != 4 && vpt != 8)
+    return fail(ARMS_INVALID_ARGUMENT, "vectors_per_thread must be 0 (automatic), 1, 2, 4 or 8");
+  override_warps = warps;
+  override_vpt = vpt;
+  return ARMS_OK;
+}
+
+// Validate args and pick the launch plan for chunks of at most `chunk_tokens` tokens.
+static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk_tokens, Plan* plan) {
   if (a->num_segments < 1 || a->num_segments > ARMS_MAX_SEGMENTS)
     return fail(ARMS_INVALID_ARGUMENT, "num_segments must be 1 or 2");
   if (a->dtype != ARMS_F32 && a->dtype != ARMS_F16 && a->dtype != ARMS_BF16)
     return fail(ARMS_INVALID_ARGUMENT, "unsupported activation dtype");
-  if (mode < ARMS_MODE_LOCAL || mode > ARMS_MODE_LAMPORT || (mode == ARMS_MODE_LAMPORT && !lamport))
-    return fail(ARMS_INVALID_ARGUMENT, "invalid mode for this entry point");
   if (a->tokens < 0) return fail(ARMS_INVALID_ARGUMENT, "tokens must be >= 0");
-  if (a->tokens == 0) return ARMS_OK;
   if ((mode == ARMS_MODE_STATS_OUT || mode == ARMS_MODE_STATS_IN) && !a->stats)
     return fail(ARMS_INVALID_ARGUMENT, "stats tensor required for this mode");
-
   const int esize = element_bytes(a->dtype);
   const int vec_wide = 16 / esize;
   bool wide = true;
@@ -126,40 +194,60 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
       wide = wide && aligned16(g.out) && aligned16(g.weight) && (g.out_row_stride * esize) % 16 == 0;
     row_elems += g.width;
   }
-  const int vec = wide ? vec_wide : 1;
-  int64_t row_vecs = row_elems / vec;
+  plan->vec = wide ? vec_wide : 1;
+  const int64_t row_vecs = row_elems / plan->vec;
   const DeviceLimits limits = device_limits(a->device);
-  // The fewest vectors per thread that fit one block, except from 24 tokens per SM on: there
-  // four per thread where that still leaves 64+ threads (smaller blocks, more of them resident).
-  // Measured on 2x H200, TP2 MiniMax bf16: 52.7 vs 56.0 us at T=8192, 98.1 vs 104.4 at 16384,
-  // but slower below a few thousand tokens.
-  const int min_vpt = a->tokens >= 24LL * limits.sms && row_vecs >= 4 * 64 ? 4 : 1;
-  int vpt = 8;
-  if (wide)
-    for (int candidate : {1, 2, 4, 8})
-      if ((row_vecs + candidate - 1) / candidate <= kMaxBlockThreads && candidate >= min_vpt) {
-        vpt = candidate;
-        break;
-      }
-  const int64_t threads_needed = (row_vecs + vpt - 1) / vpt;
-  if (threads_needed > kMaxBlockThreads)
+  Shape shape = choose_shape(row_vecs, std::min<int64_t>(a->tokens, chunk_tokens), wide, limits.sms);
+  if (override_warps > 0) shape.warps = override_warps;
+  if (override_vpt > 0 && wide) shape.vpt = override_vpt;
+  const int warp = platform::kWarpSize;
+  plan->block = shape.warps * warp;
+  plan->vpt = shape.vpt;
+  if (plan->block > kMaxBlockThreads || static_cast<int64_t>(plan->block) * shape.vpt < row_vecs)
     return fail(ARMS_INVALID_ARGUMENT,
                 "row too wide: " + std::to_string(row_elems) + " elements on this rank; at most " +
-                    std::to_string(kMaxBlockThreads * 8 * vec) + " fit one block" +
-                    (wide ? "" : " on the unaligned path (make pointers and row strides 16-byte aligned)"));
-  const int warp = platform::kWarpSize;
-  const int block = static_cast<int>((threads_needed + warp - 1) / warp * warp);
+                    std::to_string(kMaxBlockThreads * (wide ? kMaxVpt : kScalarVpt) * plan->vec) + " fit one block" +
+                    (wide ? "" : " on the unaligned path (make pointers and row strides 16-byte aligned)") +
+                    (override_warps > 0 ? " with the plan override" : ""));
+  plan->fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, shape.vpt, mode)
+           : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, shape.vpt, mode)
+                                  : kernel_for<BF16>(wide, shape.vpt, mode);
+  plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1);
+  plan->pdl = limits.pdl;
+  return ARMS_OK;
+}
 
-  KernelFn fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, vpt, mode)
-              : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, vpt, mode)
-                                     : kernel_for<BF16>(wide, vpt, mode);
-  const int coresident = blocks_per_sm(fn, block, a->device) * (limits.sms > 0 ? limits.sms : 1);
-  const int tpb_max = tile_tokens_max(vpt);
+int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
+  if (!out) return fail(ARMS_INVALID_ARGUMENT, "plan: out is null");
+  if (int status = use_device(a->device)) return status;
+  const int64_t chunk = capacity > 0 ? capacity : (int64_t{1} << 30);
+  Plan plan;
+  if (int status = make_plan(a, capacity > 0 ? ARMS_MODE_LAMPORT : a->mode, chunk, &plan)) return status;
+  const int64_t first = std::min<int64_t>(a->tokens, chunk);
+  out->warps_per_token = plan.block / platform::kWarpSize;
+  out->vectors_per_thread = plan.vpt;
+  out->vector_elems = plan.vec;
+  out->grid = static_cast<int32_t>(std::min<int64_t>(first, plan.coresident));
+  out->launches = static_cast<int32_t>((a->tokens + chunk - 1) / chunk);
+  out->pdl = plan.pdl ? 1 : 0;
+  return ARMS_OK;
+}
+
+int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
+  const int mode = lamport ? ARMS_MODE_LAMPORT : a->mode;
+  if (mode < ARMS_MODE_LOCAL || mode > ARMS_MODE_LAMPORT || (mode == ARMS_MODE_LAMPORT && !lamport))
+    return fail(ARMS_INVALID_ARGUMENT, "invalid mode for this entry point");
+  // The Lamport slots hold `capacity` tokens: larger calls run as consecutive launches, each one
+  // a full exchange with its own epoch. Local modes need no chunking beyond int32 token counts.
+  const int64_t chunk_max = lamport ? lamport->capacity : (int64_t{1} << 30);
+  if (a->tokens == 0 && a->num_segments >= 1 && a->num_segments <= ARMS_MAX_SEGMENTS) return ARMS_OK;  // empty tensors may have null pointers
+  Plan plan;
+  if (int status = make_plan(a, mode, chunk_max, &plan)) return status;
 
   KernelParams p = {};
   p.num_segments = a->num_segments;
-  p.row_vecs = static_cast<int32_t>(row_vecs);
   p.eps = a->eps;
+  int64_t row_vecs = 0;
   for (int s = 0; s < a->num_segments; ++s) {
     const ArmsSegment& g = a->segment[s];
     KernelSegment& k = p.seg[s];
@@ -168,15 +256,15 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
     k.weight = g.weight;
     k.in_stride = g.in_row_stride;
     k.out_stride = g.out_row_stride;
-    k.vecs = g.width / vec;
+    k.vecs = g.width / plan.vec;
     k.weight_dtype = g.weight_dtype;
     k.inv_full_width = 1.0f / static_cast<float>(g.full_width);
+    row_vecs += k.vecs;
   }
+  p.row_vecs = static_cast<int32_t>(row_vecs);
   if (lamport) p.lamport = *lamport;
 
-  // The Lamport slots hold `capacity` tokens: larger calls run as consecutive launches, each one
-  // a full exchange with its own epoch. Local modes need no chunking beyond int32 token counts.
-  const int64_t chunk_max = lamport ? lamport->capacity : (int64_t{1} << 30);
+  const int esize = element_bytes(a->dtype);
   platform::Stream stream = static_cast<platform::Stream>(a->stream);
   for (int64_t start = 0; start < a->tokens; start += chunk_max) {
     const int64_t tokens = a->tokens - start < chunk_max ? a->tokens - start : chunk_max;
@@ -184,19 +272,14 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
     chunk.tokens = static_cast<int32_t>(tokens);
     for (int s = 0; s < a->num_segments; ++s) {
       const ArmsSegment& g = a->segment[s];
-      const int64_t e = esize;
-      chunk.seg[s].in = static_cast<const char*>(g.in) + start * g.in_row_stride * e;
-      chunk.seg[s].out = g.out ? static_cast<char*>(g.out) + start * g.out_row_stride * e : nullptr;
+      chunk.seg[s].in = static_cast<const char*>(g.in) + start * g.in_row_stride * esize;
+      chunk.seg[s].out = g.out ? static_cast<char*>(g.out) + start * g.out_row_stride * esize : nullptr;
     }
     if (a->stats) chunk.stats = a->stats + start * a->num_segments;
-    int tpb = static_cast<int>((tokens + coresident - 1) / coresident);
-    tpb = tpb < 1 ? 1 : (tpb > tpb_max ? tpb_max : tpb);
-    chunk.tokens_per_tile = tpb;
-    const int64_t tiles = (tokens + tpb - 1) / tpb;
     // Every block of a spinning launch must be resident at once, or a block waiting for a peer
     // could keep the block the peer is waiting for from ever being scheduled.
-    const int grid = static_cast<int>(tiles < coresident ? tiles : coresident);
-    ARMS_RT(platform::launch(fn, grid, block, stream, limits.pdl, chunk), "launching the norm kernel");
+    const int grid = static_cast<int>(tokens < plan.coresident ? tokens : plan.coresident);
+    ARMS_RT(platform::launch(plan.fn, grid, plan.block, stream, plan.pdl, chunk), "launching the norm kernel");
   }
   return ARMS_OK;
 }
@@ -214,8 +297,16 @@ int run_probe(const LamportParams& lp, uint32_t nonce, int drop_peer_writes, int
   return status;
 }
 
-int fill_empty(uint32_t* cells, int64_t count, platform::Stream stream) {
-  ARMS_RT(platform::launch(fill_cells_kernel, 256, 256, stream, false, cells, count, kEmptyCell), "clearing the workspace");
+int launch_floor(const LamportParams& lp, int kind, int device, platform::Stream stream) {
+  const bool pdl = device_limits(device).pdl;
+  if (kind == ARMS_FLOOR_EMPTY) {
+    ARMS_RT(platform::launch(floor_empty_kernel, 1, 1, stream, pdl), "launching the empty floor kernel");
+  } else if (kind == ARMS_FLOOR_EXCHANGE) {
+    ARMS_RT(platform::launch(floor_exchange_kernel, 1, platform::kWarpSize, stream, pdl, lp),
+            "launching the exchange floor kernel");
+  } else {
+    return fail(ARMS_INVALID_ARGUMENT, "floor kind must be ARMS_FLOOR_EMPTY or ARMS_FLOOR_EXCHANGE");
+  }
   return ARMS_OK;
 }
 

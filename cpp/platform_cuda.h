@@ -34,6 +34,7 @@ __device__ __forceinline__ uint32_t load_l2(const uint32_t* p) { return __ldcg(p
 
 // Value of `v` in lane `src` of this warp.
 __device__ __forceinline__ float warp_shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+__device__ __forceinline__ float warp_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 
 // ld/st.relaxed.sys: never served from a stale L1 line, and ordered with respect to other
 // system-scope operations on the same address. That is all the Lamport cells need, because every
@@ -47,6 +48,41 @@ __device__ __forceinline__ void store_relaxed_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 __device__ __forceinline__ void fence_system() { __threadfence_system(); }
+
+// 64-bit value+flag packets (lamport.cuh). An aligned 64-bit access is single-copy atomic, so a
+// reader that sees the flag half of a packet sees the value half written with it; a .v2 access
+// is two such packets, each atomic on its own.
+__device__ __forceinline__ void store_relaxed_sys_u64(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ uint64_t load_relaxed_sys_u64(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_relaxed_sys_u64x2(uint64_t* p, uint64_t a, uint64_t b) {
+  asm volatile("st.relaxed.sys.global.v2.u64 [%0], {%1, %2};" ::"l"(p), "l"(a), "l"(b) : "memory");
+}
+__device__ __forceinline__ void load_relaxed_sys_u64x2(const uint64_t* p, uint64_t& a, uint64_t& b) {
+  asm volatile("ld.relaxed.sys.global.v2.u64 {%0, %1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+}
+
+// The epoch advance (lamport.cuh): an acquire load of the control words, which orders this
+// thread's later accesses (its count below included) after it without a fence, a
+// fire-and-forget device-scope add, and the acquire load that reads the count.
+__device__ __forceinline__ uint64_t load_acquire_gpu_u64(const void* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 
 __device__ __forceinline__ uint64_t timer_ns() {
   uint64_t t;

@@ -12,6 +12,8 @@ arms::LamportParams ArmsWorkspace::params(int op) const {
   for (int r = 0; r < nranks; ++r) lp.buffers[r] = mapped[r];
   lp.ctrl = ctrl;
   lp.fault = fault_device;
+  lp.trace = trace;
+  lp.trace_depth = trace_depth;
   lp.rank = rank;
   lp.nranks = nranks;
   lp.capacity = capacity;
@@ -65,7 +67,7 @@ int workspace_create(int device, int rank, int nranks, int capacity, int64_t tim
   ws->nranks = nranks;
   ws->capacity = capacity;
   ws->timeout_ns = timeout_ns;
-  ws->buffer_bytes = buffer_cells(nranks, capacity) * static_cast<int64_t>(sizeof(uint32_t));
+  ws->buffer_bytes = buffer_packets(nranks, capacity) * static_cast<int64_t>(sizeof(uint64_t));
 
   auto check = [&](platform::Error e, const char* what) {
     if (e == platform::kSuccess) return 0;
@@ -85,10 +87,8 @@ int workspace_create(int device, int rank, int nranks, int capacity, int64_t tim
   if (int s = check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ws->fault_device), ws->fault_host, 0),
                     "mapping the fault record"))
     return s;
-  if (int status = fill_empty(ws->own, buffer_cells(nranks, capacity), nullptr)) {
-    release(ws);
-    return status;
-  }
+  // Zero is never a flag: a zeroed buffer holds no packet of any launch (lamport.cuh).
+  if (int s = check(cudaMemset(ws->own, 0, ws->buffer_bytes), "clearing the Lamport buffer")) return s;
   // Every cell must hold the sentinel before any peer can be told our handle.
   if (int s = check(cudaDeviceSynchronize(), "initializing the workspace")) return s;
   *out = ws;
@@ -116,7 +116,7 @@ int workspace_open_peers(ArmsWorkspace* ws, const uint8_t* handles) {
       cudaGetLastError();  // IPC failures are not sticky; leave no error behind for the next call
       return fail(ARMS_RUNTIME_ERROR, "opening the IPC handle of rank " + std::to_string(r) + ": " + platform::error_string(e));
     }
-    ws->mapped[r] = static_cast<uint32_t*>(peer);
+    ws->mapped[r] = static_cast<uint64_t*>(peer);
     ws->opened[r] = true;
     ipc_mappings_open++;
   }
@@ -174,6 +174,21 @@ int workspace_destroy(ArmsWorkspace* ws) {
   cudaDeviceSynchronize();
   release(ws);
   return ARMS_OK;
+}
+
+int workspace_trace(ArmsWorkspace* ws, uint64_t* trace, int depth) {
+  if (trace && depth < 1) return fail(ARMS_INVALID_ARGUMENT, "trace depth must be >= 1");
+  ws->trace = trace;
+  ws->trace_depth = trace ? depth : 0;
+  return ARMS_OK;
+}
+
+int floor_launch(ArmsWorkspace* ws, int kind, void* stream) {
+  if (int status = use_device(ws->device)) return status;
+  if (kind == ARMS_FLOOR_EXCHANGE)
+    for (int r = 0; r < ws->nranks; ++r)
+      if (!ws->mapped[r]) return fail(ARMS_INVALID_ARGUMENT, "workspace peers are not open");
+  return launch_floor(ws->params(0), kind, ws->device, static_cast<platform::Stream>(stream));
 }
 
 int fused_norm(ArmsWorkspace* ws, const ArmsNormArgs* args) {

@@ -47,6 +47,7 @@ __device__ __forceinline__ uint32_t load_l2(const uint32_t* p) {
 
 // Value of `v` in lane `src` of this wavefront.
 __device__ __forceinline__ float warp_shfl(float v, int src) { return __shfl(v, src); }
+__device__ __forceinline__ float warp_shfl_xor(float v, int mask) { return __shfl_xor(v, mask); }
 
 // System-scope relaxed atomics: the load is re-issued to memory on every spin iteration and sees
 // writes that peers make over xGMI/PCIe into fine-grained memory.
@@ -65,6 +66,35 @@ __device__ __forceinline__ void store_relaxed_sys(uint32_t* p, uint32_t v) {
 #endif
 }
 __device__ __forceinline__ void fence_system() { __threadfence_system(); }
+
+// 64-bit value+flag packets (cpp/lamport.cuh): one aligned 64-bit system-scope access each, so
+// the flag and the value of a packet are seen together. The x2 forms are two such packets.
+__device__ __forceinline__ void store_relaxed_sys_u64(uint64_t* p, uint64_t v) {
+  __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+__device__ __forceinline__ uint64_t load_relaxed_sys_u64(const uint64_t* p) {
+  return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+__device__ __forceinline__ void store_relaxed_sys_u64x2(uint64_t* p, uint64_t a, uint64_t b) {
+  store_relaxed_sys_u64(p, a);
+  store_relaxed_sys_u64(p + 1, b);
+}
+__device__ __forceinline__ void load_relaxed_sys_u64x2(const uint64_t* p, uint64_t& a, uint64_t& b) {
+  a = load_relaxed_sys_u64(p);
+  b = load_relaxed_sys_u64(p + 1);
+}
+
+// The epoch advance: an acquire load of the control words, a device-scope relaxed add, and the
+// acquire load that reads the count.
+__device__ __forceinline__ uint64_t load_acquire_gpu_u64(const void* p) {
+  return __hip_atomic_load(static_cast<const uint64_t*>(p), __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
+}
+__device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
+  __hip_atomic_fetch_add(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+}
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
+  return __hip_atomic_load(p, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
+}
 
 // s_memrealtime counts at a constant 100 MHz on CDNA parts.
 __device__ __forceinline__ uint64_t timer_ns() { return __builtin_amdgcn_s_memrealtime() * 10ull; }

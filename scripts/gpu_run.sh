@@ -5,6 +5,7 @@
 #
 #   STAGES="build tests bench reliability" bash scripts/gpu_run.sh      (default: all four)
 #   STAGES="build profile"   LOCAL-mode timing vs roofline, and Nsight Compute reports if ncu exists
+#   STAGES="build trace"     per-phase trace of the fused kernel, the machine's floors, plan sweep
 #   NCU_TOKENS="1 1024 8192" (token counts the profile stage captures with ncu)
 #   ARCHS=90a  (CUDA architectures to build; default 90a to keep the build short)
 set -uo pipefail
@@ -48,6 +49,11 @@ if has bench; then
     python3 -m allreduce_rms --world-size "$tp" --json "$OUT/bench-$card-tp$tp.json" --plot "$OUT/bench-$card-tp$tp.png" \
       ${BENCH_ARGS:-} 2>"$OUT/bench-tp$tp-stderr.log" | tee "$OUT/bench-tp$tp.txt" || status=1
   done
+fi
+if has trace; then
+  log "trace: per-phase timestamps, floors and plan sweep (TP$ngpu)"
+  python3 "$OLDPWD/benchmarks/trace_kernel.py" --sweep --json "$OUT/trace-$card-tp$ngpu.json" ${TRACE_ARGS:-} \
+    2>&1 | tee "$OUT/trace.log" | tail -30 || status=1
 fi
 if has reliability; then
   log "reliability (soak + sanitizers)"

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import allreduce_rms
 from allreduce_rms import _native
 from distributed import run_ranks
-from numerics import DTYPES, TOLERANCE, reference, rel_err
+from numerics import DTYPES, TOLERANCE, reference, rel_err, shard_scale
 
 pytestmark = pytest.mark.multigpu
 
@@ -25,19 +25,25 @@ CAPACITY = 256
 # Full (all-rank) widths (q, k): MiniMax-M2 (48 x 128, 8 x 128), two other models, and per-rank
 # widths that are an odd multiple of the 8-element vector (37 x 8 and 5 x 8 per rank).
 FULL_WIDTHS = [(6144, 1024), (4096, 512), (8192, 256), (8 * 37, 8 * 5)]
-# 4099: above 24 tokens per SM on H100/H200, where the launcher switches to 4 vectors per thread
+# 4099: prefill-sized, where the launcher gives each token few warps and each block several tokens
 TOKENS = [0, 1, 7, 64, 1000, CAPACITY + 1, 3 * CAPACITY + 5, 4099]
+
+
+def _column_scales(full: int, world: int) -> torch.Tensor:
+    """[full] per-column scale: shard_scale(r) on rank r's columns."""
+    return torch.tensor([shard_scale(r) for r in range(world)]).repeat_interleave(full // world)
 
 
 def _problem(seed, tokens, q_full, k_full, dtype, world, rank, device):
     """This rank's qkv and weights plus the full-row q/k shards of every rank (all dtype-rounded)."""
     g = torch.Generator().manual_seed(seed)
-    q_all = torch.randn(tokens, q_full, generator=g).to(dtype)
-    k_all = torch.randn(tokens, k_full, generator=g).to(dtype)
+    qs, ks = q_full // world, k_full // world
+    # rank r's columns scaled by shard_scale(r): a missing or partial all-reduce fails widely
+    q_all = (torch.randn(tokens, q_full, generator=g) * _column_scales(q_full, world)).to(dtype)
+    k_all = (torch.randn(tokens, k_full, generator=g) * _column_scales(k_full, world)).to(dtype)
     v_all = torch.randn(tokens, k_full, generator=g).to(dtype)
     qw_all = (1 + 0.2 * torch.randn(q_full, generator=g)).to(dtype)
     kw_all = (1 + 0.2 * torch.randn(k_full, generator=g)).to(dtype)
-    qs, ks = q_full // world, k_full // world
     cols = lambda t, w, r: t[..., r * w:(r + 1) * w]  # noqa: E731
     qkv = torch.cat([cols(q_all, qs, rank), cols(k_all, ks, rank), cols(v_all, ks, rank)], dim=-1).to(device)
     q_ref = reference([cols(q_all, qs, r) for r in range(world)], [cols(qw_all, qs, r) for r in range(world)], 1e-6)[rank]
@@ -124,9 +130,10 @@ def _graph_worker(rank, world, replays):
     gen = torch.Generator(device=dev).manual_seed(1234)  # same stream of inputs on every rank
     worst = torch.zeros((), device=dev, dtype=torch.float64)
     qw64, kw64 = qw_all.double().to(dev), kw_all.double().to(dev)
+    q_scale, k_scale = _column_scales(q_full, world).to(dev), _column_scales(k_full, world).to(dev)
     for _ in range(replays):
-        q_all = torch.randn(tokens, q_full, generator=gen, device=dev).to(dtype)
-        k_all = torch.randn(tokens, k_full, generator=gen, device=dev).to(dtype)
+        q_all = (torch.randn(tokens, q_full, generator=gen, device=dev) * q_scale).to(dtype)
+        k_all = (torch.randn(tokens, k_full, generator=gen, device=dev) * k_scale).to(dtype)
         static[:, :qs].copy_(q_all[:, rank * qs:(rank + 1) * qs])
         static[:, qs:qs + ks].copy_(k_all[:, rank * ks:(rank + 1) * ks])
         graph.replay()
@@ -148,6 +155,51 @@ def test_graph_replay_10000_times_with_new_inputs():
         assert r["worst"] <= TOLERANCE[torch.bfloat16], r
         assert r["calls"] == 2 * (replays + 3 + 1) or r["calls"] >= 2 * replays  # epoch advanced by the kernel
     print("graph replay worst relative error:", [r["worst"] for r in results])
+
+
+def _changing_tokens_worker(rank, world):
+    """T changes from call to call on one workspace (chunked, empty, tiny, large): every call
+    right, eagerly and inside one captured graph that replays the same sequence."""
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    ws = allreduce_rms.Workspace(max_tokens=2048, timeout_ms=30_000)
+    assert ws.path == "fused", ws.reason
+    sizes = [1, 4099, 7, 0, 1024, 2, 300, 2048, 1]
+    problems = [_problem(500 + i, t, 6144, 1024, torch.bfloat16, world, rank, dev) for i, t in enumerate(sizes)]
+    tol = TOLERANCE[torch.bfloat16]
+
+    def run_all():
+        return [allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, ws) for qkv, qw, kw, qs, ks, _, _ in problems]
+
+    def worst(outs):
+        return max(max(rel_err(q, p[5]), rel_err(k, p[6])) for (q, k), p in zip(outs, problems))
+
+    eager = [worst(run_all()) for _ in range(3)]
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        run_all()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_outs = run_all()
+    for out in graph_outs:  # poison: a replay that writes nothing cannot pass
+        for t in out:
+            t.fill_(float("nan"))
+    graphed = []
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        graphed.append(worst(graph_outs))
+    ws.synchronize()
+    ws.close()
+    return {"eager": eager, "graph": graphed, "tol": tol}
+
+
+def test_token_count_changes_from_call_to_call():
+    for r in run_ranks(_changing_tokens_worker, WORLD, backend="nccl", timeout=300):
+        assert max(r["eager"]) <= r["tol"], r
+        assert max(r["graph"]) <= r["tol"], r
 
 
 def _back_to_back_worker(rank, world):

@@ -320,3 +320,24 @@ def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[in
     raise RuntimeError(
         f"allreduce_rms debug (rank {ws.rank}): the ranks of workspace {ws.key} made different calls: {detail}; "
         f"but rank(s) {agree} called {describe(expected)}")  # type: ignore[arg-type]
+
+
+def fused_plan(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int,
+               workspace: Workspace) -> dict:
+    """The launch plan a fused :func:`qk_norm` (out of place) with these arguments would use.
+
+    Returns a dict: ``warps_per_token`` (warps of one block, which serves one token at a time),
+    ``vectors_per_thread``, ``vector_elems``, ``block`` (threads), ``grid`` (blocks of the first
+    launch), ``launches`` (chunks), ``pdl``. For the benchmark's record and tuning; raises
+    ValueError unless ``workspace.path == "fused"`` and qkv is on its GPU.
+    """
+    if workspace.path != "fused" or not qkv.is_cuda:
+        raise ValueError("fused_plan: needs a fused workspace and GPU tensors")
+    rows = _rows("qkv", qkv)
+    base, stride, step = rows.data_ptr(), rows.stride(0), rows.element_size()
+    world = workspace.world_size
+    # out-of-place outputs are fresh contiguous tensors: 16-byte aligned, row stride = width
+    return workspace._native.plan(OP_QK_NORM, _DTYPES[qkv.dtype], rows.shape[0], base, base, q_weight.data_ptr(),
+                                  _DTYPES[q_weight.dtype], stride, q_size, q_size, q_size * world,
+                                  base + q_size * step, base, k_weight.data_ptr(), _DTYPES[k_weight.dtype], stride,
+                                  kv_size, kv_size, kv_size * world)

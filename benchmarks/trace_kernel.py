@@ -1,0 +1,181 @@
+"""Where the fused kernel's time goes: per-phase trace, machine floors and a plan sweep.
+
+Spawns one process per GPU (TP = all visible GPUs, at least 2), opens a fused workspace and, for
+MiniMax-M2 shapes (48 q heads, 8 kv heads, head_dim 128, bf16):
+
+* floors: per-call time of a CUDA graph of back-to-back launches of an empty kernel, and of the
+  smallest Lamport exchange (one value+flag packet per peer, no clearing, no fence), both with
+  PDL where the norm kernel uses it (``floor_launch`` in the backend);
+* trace: block 0 of every fused launch writes globaltimer stamps (entry, after the PDL wait,
+  row loaded and reduced, partials sent, peers' partials arrived, stores issued); replaying a
+  graph of back-to-back calls gives the median time of each phase and the period between calls;
+* sweep (``--sweep``): the graph time of every valid (warps per token, vectors per thread) plan
+  at each T, next to the launcher's own choice.
+
+    python benchmarks/trace_kernel.py --json trace.json [--tokens 1 64 1024 8192] [--sweep]
+
+Times are microseconds per call (graph replay) or per phase (trace); the JSON names the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+PHASES = ("launch_to_wait", "load_and_reduce", "send", "exchange_wait", "normalize_store")
+SWEEP_PLANS = [(16, 1), (16, 2), (8, 2), (8, 4), (4, 4), (4, 8), (2, 8)]
+
+
+def _graph_us(fn, calls: int = 20, replays: int = 10, samples: int = 7) -> Dict[str, float]:
+    """Per-call us of a graph of `calls` back-to-back fn() calls: median, p20, p80 over samples."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    values = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        dist.barrier()
+        graph.replay()
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        values.append(start.elapsed_time(end) * 1e3 / (replays * calls))
+    torch.cuda.synchronize()
+    del graph
+    values.sort()
+    q = lambda f: values[min(len(values) - 1, int(f * len(values)))]  # noqa: E731
+    return {"median": statistics.median(values), "p20": q(0.2), "p80": q(0.8)}
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _timing_max(t: Dict[str, float]) -> Dict[str, float]:
+    return {k: _max_over_ranks(v) for k, v in t.items()}
+
+
+def _phases(rows: torch.Tensor) -> Dict[str, Any]:
+    """Median per-phase us of traced launches (rows: [n, 8] int64 stamps, 0 = unused row)."""
+    rows = rows[rows[:, 0] > 0]
+    rows = rows[torch.argsort(rows[:, 0])]
+    d = lambda a, b: (rows[:, b] - rows[:, a]).double() / 1e3  # noqa: E731
+    out: Dict[str, Any] = {}
+    for name, (a, b) in zip(PHASES, ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5))):
+        out[name] = float(d(a, b).median())
+    out["entry_to_stored"] = float(d(0, 5).median())
+    waited = rows[:, 1].double() / 1e3
+    if len(waited) > 2:
+        out["period_between_calls"] = float((waited[1:] - waited[:-1]).median())
+    out["launches_traced"] = int(len(rows))
+    return out
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    import allreduce_rms
+    from allreduce_rms import _native
+    from allreduce_rms.ops import fused_plan
+
+    front = _native.front()
+    ws = allreduce_rms.Workspace(max_tokens=16384, path="fused", timeout_ms=20_000)
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+    out: Dict[str, Any] = {"card": torch.cuda.get_device_name(), "tp": world, "torch": torch.__version__}
+
+    out["floors_us"] = {
+        "empty_kernel": _timing_max(_graph_us(lambda: ws._native.floor(front.FLOOR_EMPTY, stream()))),
+        "value_flag_exchange": _timing_max(_graph_us(lambda: ws._native.floor(front.FLOOR_EXCHANGE, stream()))),
+    }
+    q_size, kv_size = 48 * 128 // world, 8 * 128 // world
+    trace = torch.zeros(256, front.TRACE_POINTS, dtype=torch.int64, device="cuda")
+    results: List[Dict[str, Any]] = []
+    for tokens in args.tokens:
+        g = torch.Generator(device="cuda").manual_seed(tokens)
+        qkv = (torch.randn(tokens, q_size + 2 * kv_size, generator=g, device="cuda") * (rank + 1)).to(torch.bfloat16)
+        wq = torch.ones(q_size, dtype=torch.bfloat16, device="cuda")
+        wk = torch.ones(kv_size, dtype=torch.bfloat16, device="cuda")
+        call = lambda: allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, 1e-6, ws)  # noqa: E731
+        entry: Dict[str, Any] = {"T": tokens, "plan": fused_plan(qkv, wq, wk, q_size, kv_size, ws)}
+        entry["graph_us"] = _timing_max(_graph_us(call))
+        ws._native.set_trace(trace.data_ptr(), trace.shape[0])
+        trace.zero_()
+        _graph_us(call, samples=2)
+        ws._native.set_trace(0, 0)
+        torch.cuda.synchronize()
+        entry["trace_rank_us"] = _phases(trace.cpu())
+        if args.sweep:
+            sweep = {}
+            for warps, vpt in SWEEP_PLANS:
+                if warps * 32 * vpt < (q_size + kv_size) // 8:
+                    continue
+                front.set_plan_override(_native.dl_device_type(), warps, vpt)
+                sweep[f"{warps}x{vpt}"] = _timing_max(_graph_us(call))["median"]
+            front.set_plan_override(_native.dl_device_type(), 0, 0)
+            entry["sweep_us"] = sweep
+        results.append(entry)
+        if rank == 0:
+            print(f"T={tokens}: {entry['graph_us']['median']:.2f} us, plan {entry['plan']}, "
+                  f"phases {entry['trace_rank_us']}" + (f", sweep {entry.get('sweep_us')}" if args.sweep else ""),
+                  flush=True)
+    gathered: List[Any] = [None] * world
+    out["runs"] = results
+    dist.all_gather_object(gathered, results)
+    out["per_rank"] = [[{"T": e["T"], "trace_rank_us": e["trace_rank_us"]} for e in r] for r in gathered]
+    ws.close()
+    if rank == 0:
+        queue.put(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024, 4096, 8192, 16384])
+    parser.add_argument("--sweep", action="store_true", help="time every valid plan at each T")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    world = torch.cuda.device_count()
+    if world < 2:
+        print("needs 2+ GPUs", file=sys.stderr)
+        return 2
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, port, args, queue), nprocs=world, start_method="spawn")
+    out = queue.get()
+    print(json.dumps(out["floors_us"], indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
