@@ -31,7 +31,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 PHASES = ("launch_to_wait", "load_and_reduce", "send", "exchange_wait", "normalize_store")
-SWEEP_PLANS = [(16, 1), (16, 2), (8, 2), (8, 4), (4, 4), (4, 8), (2, 8)]
+# (warps per token, vectors per thread, tokens per block) tried by --sweep
+SWEEP_SMALL = [(16, 1, 1), (8, 2, 1), (8, 4, 1), (4, 4, 1)]
+SWEEP_LARGE = [(8, 4, 1), (8, 4, 2), (4, 4, 1), (4, 4, 2), (4, 4, 4), (2, 8, 1), (2, 8, 2), (2, 8, 4), (4, 8, 2)]
 
 
 def _graph_us(fn, calls: int = 20, replays: int = 10, samples: int = 7) -> Dict[str, float]:
@@ -128,12 +130,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         entry["trace_rank_us"] = _phases(trace.cpu())
         if args.sweep:
             sweep = {}
-            for warps, vpt in SWEEP_PLANS:
+            for warps, vpt, per_block in (SWEEP_SMALL if tokens <= 64 else SWEEP_LARGE):
                 if warps * 32 * vpt < (q_size + kv_size) // 8:
                     continue
-                front.set_plan_override(_native.dl_device_type(), warps, vpt)
-                sweep[f"{warps}x{vpt}"] = _timing_max(_graph_us(call))["median"]
-            front.set_plan_override(_native.dl_device_type(), 0, 0)
+                front.set_plan_override(_native.dl_device_type(), warps, vpt, per_block)
+                sweep[f"{warps}x{vpt}x{per_block}"] = _timing_max(_graph_us(call))["median"]
+            front.set_plan_override(_native.dl_device_type(), 0, 0, 0)
             entry["sweep_us"] = sweep
         results.append(entry)
         if rank == 0:

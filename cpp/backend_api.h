@@ -103,7 +103,7 @@ typedef struct ArmsPlan {
   int32_t warps_per_token;
   int32_t vectors_per_thread;
   int32_t vector_elems; /* 16 bytes' worth, or 1 on the unaligned path */
-  int32_t grid;         /* blocks of the first launch */
+  int32_t grid;         /* blocks of the first launch; each walks tokens grid apart */
   int32_t launches;     /* launches of the call (chunks above the workspace capacity) */
   int32_t pdl;          /* 1: launched with programmatic dependent launch */
 } ArmsPlan;
@@ -144,8 +144,9 @@ typedef struct ArmsBackendApi {
   /* ABI 3. The plan a call would use: capacity > 0 for a fused call on a workspace of that
    * capacity, 0 for a local one (args->mode). */
   int (*plan)(const ArmsNormArgs* args, int capacity, ArmsPlan* out);
-  /* Tuning: force warps per token and vectors per thread for every later launch (0 = automatic). */
-  int (*set_plan_override)(int warps_per_token, int vectors_per_thread);
+  /* Tuning: force warps per token, vectors per thread and tokens per block (at least; the grid
+   * is still clamped to co-resident blocks) for every later launch (0 = automatic). */
+  int (*set_plan_override)(int warps_per_token, int vectors_per_thread, int tokens_per_block);
   /* Profiling: block 0 of every fused launch writes ARMS_TRACE_POINTS globaltimer stamps (entry,
    * after the PDL wait, row loaded and reduced, partials sent, peers' partials arrived, stores
    * issued) to trace[(call % depth) * ARMS_TRACE_POINTS ...]; trace = NULL turns it off. trace is

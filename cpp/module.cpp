@@ -257,9 +257,9 @@ void launch_local(int device_type, int device, int mode, int dtype, int64_t toke
 }
 
 // Tuning: force the plan of every later launch of this backend (0, 0: automatic).
-void set_plan_override(int device_type, int warps_per_token, int vectors_per_thread) {
+void set_plan_override(int device_type, int warps_per_token, int vectors_per_thread, int tokens_per_block) {
   const ArmsBackendApi& api = backend(device_type);
-  check(api, api.set_plan_override(warps_per_token, vectors_per_thread));
+  check(api, api.set_plan_override(warps_per_token, vectors_per_thread, tokens_per_block));
 }
 
 int dtype_code(const nb::dlpack::dtype& dt, const char* name) {
@@ -337,7 +337,8 @@ NB_MODULE(_front, m) {
         "Live workspaces, open peer IPC mappings and workspace device bytes, over the whole process.");
   m.def("launch_local", &launch_local, "Local launch (no communication) with raw pointers.");
   m.def("set_plan_override", &set_plan_override, nb::arg("device_type"), nb::arg("warps_per_token"),
-        nb::arg("vectors_per_thread"), "Tuning: force warps per token and vectors per thread (0, 0: automatic).");
+        nb::arg("vectors_per_thread"), nb::arg("tokens_per_block") = 0,
+        "Tuning: force warps per token, vectors per thread and tokens per block (0: automatic).");
   m.attr("TRACE_POINTS") = ARMS_TRACE_POINTS;
   m.attr("FLOOR_EMPTY") = static_cast<int>(ARMS_FLOOR_EMPTY);
   m.attr("FLOOR_EXCHANGE") = static_cast<int>(ARMS_FLOOR_EXCHANGE);

@@ -12,11 +12,11 @@
 // t = blockIdx.x, + gridDim.x, ...; each thread owns VPT vectors (of VEC elements) of every row,
 // at vector columns tid, tid + blockDim.x, ... It keeps a token's vectors in registers from the
 // load to the store, so each input byte is read once and each output byte written once, and it
-// loads the block's next token while the current token's statistics cross the interconnect.
+// publishes the block's next token before it waits for the current token's peers.
 //
 // Per token, the phases are named device functions below:
-//   load_row -> local_partials -> block_partials -> (publish: send to peers | write stats)
-//   -> (load the next row) -> collect_scales (peers' partials | local | stats) -> normalize_store
+//   load_row -> local_partials -> block_partials -> publish (send to peers | write stats)
+//   -> exchanged_sums (peers' partials | local | stats) -> normalize_store
 #pragma once
 
 #include "backend_api.h"
@@ -50,49 +50,52 @@ struct KernelParams {
   LamportParams lamport;
 };
 
-// The columns one thread owns: vector c of the thread is column col[c] (in elements) of
-// segment seg[c], or seg[c] < 0 when it lies beyond the row.
-template <int VPT>
+// The columns one thread owns: its vector i is vector column threadIdx.x + i * blockDim.x of
+// the row, in segment seg(i) (-1 beyond the row) at element column col(i) of that segment.
+// Computed at each use rather than held in registers: a few integer operations are cheaper
+// than 2 * VPT registers at prefill, where registers bound how many rows are in flight.
+template <int VEC, int VPT>
 struct ThreadColumns {
-  int seg[VPT];
-  int col[VPT];
+  int seg0_vecs;
+  int row_vecs;
+  __device__ __forceinline__ int vector(int i) const { return threadIdx.x + i * blockDim.x; }
+  __device__ __forceinline__ int seg(int i) const {
+    const int j = vector(i);
+    return j >= row_vecs ? -1 : (j < seg0_vecs ? 0 : 1);
+  }
+  __device__ __forceinline__ int col(int i) const {
+    const int j = vector(i);
+    return (j < seg0_vecs ? j : j - seg0_vecs) * VEC;
+  }
 };
 
 template <int VEC, int VPT>
-__device__ __forceinline__ ThreadColumns<VPT> thread_columns(const KernelParams& p) {
-  ThreadColumns<VPT> c;
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int j = threadIdx.x + i * blockDim.x;
-    const int s = j < p.seg[0].vecs ? 0 : 1;
-    c.seg[i] = j < p.row_vecs ? s : -1;
-    c.col[i] = (s == 0 ? j : j - p.seg[0].vecs) * VEC;
-  }
-  return c;
+__device__ __forceinline__ ThreadColumns<VEC, VPT> thread_columns(const KernelParams& p) {
+  return ThreadColumns<VEC, VPT>{p.seg[0].vecs, p.row_vecs};
 }
 
 __device__ __forceinline__ const KernelSegment& segment(const KernelParams& p, int s) { return s == 0 ? p.seg[0] : p.seg[1]; }
 
 template <class D, int VEC, int VPT>
-__device__ __forceinline__ void load_row(const KernelParams& p, const ThreadColumns<VPT>& c, int token,
+__device__ __forceinline__ void load_row(const KernelParams& p, const ThreadColumns<VEC, VPT>& c, int token,
                                          Vec<D, VEC> (&x)[VPT]) {
   using S = typename D::storage;
 #pragma unroll
   for (int i = 0; i < VPT; ++i)
-    if (c.seg[i] >= 0) {
-      const KernelSegment& g = segment(p, c.seg[i]);
-      x[i].load(static_cast<const S*>(g.in) + token * g.in_stride + c.col[i]);
+    if (c.seg(i) >= 0) {
+      const KernelSegment& g = segment(p, c.seg(i));
+      x[i].load(static_cast<const S*>(g.in) + token * g.in_stride + c.col(i));
     }
 }
 
 // This thread's sums of squares of one row, per segment.
 template <class D, int VEC, int VPT>
-__device__ __forceinline__ float2 local_partials(const ThreadColumns<VPT>& c, const Vec<D, VEC> (&x)[VPT]) {
+__device__ __forceinline__ float2 local_partials(const ThreadColumns<VEC, VPT>& c, const Vec<D, VEC> (&x)[VPT]) {
   float2 acc = make_float2(0.f, 0.f);
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const float s = c.seg[i] >= 0 ? x[i].sum_of_squares() : 0.f;
-    if (c.seg[i] == 1)
+    const float s = c.seg(i) >= 0 ? x[i].sum_of_squares() : 0.f;
+    if (c.seg(i) == 1)
       acc.y += s;
     else
       acc.x += s;
@@ -138,26 +141,26 @@ __device__ __forceinline__ float2 exchanged_sums(const KernelParams& p, const Ep
 }
 
 template <class D, int VEC, int VPT, bool CACHED>
-__device__ __forceinline__ void normalize_store(const KernelParams& p, const ThreadColumns<VPT>& c, int token,
+__device__ __forceinline__ void normalize_store(const KernelParams& p, const ThreadColumns<VEC, VPT>& c, int token,
                                                 const Vec<D, VEC> (&x)[VPT], float2 scale,
                                                 const float (&cached_weight)[CACHED ? VPT : 1][VEC]) {
   using S = typename D::storage;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    if (c.seg[i] < 0) continue;
-    const KernelSegment& g = segment(p, c.seg[i]);
+    if (c.seg(i) < 0) continue;
+    const KernelSegment& g = segment(p, c.seg(i));
     float w[VEC];
     if constexpr (CACHED) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) w[k] = cached_weight[i][k];
     } else {
-      load_weight<VEC>(g.weight, g.weight_dtype, c.col[i], w);
+      load_weight<VEC>(g.weight, g.weight_dtype, c.col(i), w);
     }
-    const float r = c.seg[i] == 1 ? scale.y : scale.x;
+    const float r = c.seg(i) == 1 ? scale.y : scale.x;
     Vec<D, VEC> y;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) y.set(k, x[i].get(k) * r * w[k]);
-    y.store(static_cast<S*>(g.out) + token * g.out_stride + c.col[i]);
+    y.store(static_cast<S*>(g.out) + token * g.out_stride + c.col(i));
   }
 }
 
@@ -176,7 +179,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   // Before the PDL wait only what the previous kernel cannot have written: indices and clocks.
   const bool tracing = kLamport && p.lamport.trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
   const uint64_t entered = tracing ? platform::timer_ns() : 0;
-  const ThreadColumns<VPT> c = thread_columns<VEC, VPT>(p);
+  const ThreadColumns<VEC, VPT> c = thread_columns<VEC, VPT>(p);
   const int lane = threadIdx.x % platform::kWarpSize;
 
   // Nothing of the previous kernel in the stream (inputs, workspace state) is read before this.
@@ -195,9 +198,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   if constexpr (kCacheWeights) {
 #pragma unroll
     for (int i = 0; i < VPT; ++i)
-      if (c.seg[i] >= 0) {
-        const KernelSegment& g = segment(p, c.seg[i]);
-        load_weight<VEC>(g.weight, g.weight_dtype, c.col[i], weight[i]);
+      if (c.seg(i) >= 0) {
+        const KernelSegment& g = segment(p, c.seg(i));
+        load_weight<VEC>(g.weight, g.weight_dtype, c.col(i), weight[i]);
       }
   }
 
@@ -212,12 +215,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
     }
   }
 
-  // One token: reduce, publish, start loading the next token, collect, normalize. Returns the
-  // block's next token. The two register buffers alternate (cur/next) by unrolling by two.
-  auto step = [&](V(&cur)[VPT], V(&next)[VPT], int t, int parity) {
+  // Reduce a loaded row and publish its partials: send them to the peers (LAMPORT) or write
+  // them to the stats tensor (STATS_OUT). Returns this rank's partials of the row.
+  auto reduce_publish = [&](const V(&x)[VPT], int t, int parity) {
     float2 partial = make_float2(0.f, 0.f);
     if constexpr (kSums) {
-      partial = block_partials(local_partials<D, VEC, VPT>(c, cur), parity, warp_sums);
+      partial = block_partials(local_partials<D, VEC, VPT>(c, x), parity, warp_sums);
       if (trace && t == blockIdx.x) trace[kTraceLoaded] = platform::timer_ns();
     }
     if constexpr (kLamport) {
@@ -231,8 +234,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
         if (p.num_segments == 2) p.stats[static_cast<int64_t>(t) * 2 + 1] = partial.y;
       }
     }
-    const int following = t + gridDim.x;
-    if (following < p.tokens) load_row<D, VEC, VPT>(p, c, following, next);  // in flight during the wait
+    return partial;
+  };
+
+  // The full-row statistics of a published row (peers' partials, own, or the stats tensor),
+  // then the normalized row to the output.
+  auto collect_store = [&](const V(&x)[VPT], int t, float2 partial) {
     if constexpr (kNormalizes) {
       float2 sums = partial;
       if constexpr (kLamport) {
@@ -245,15 +252,34 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
       }
       const float2 scale = make_float2(rsqrtf(sums.x * p.seg[0].inv_full_width + p.eps),
                                        rsqrtf(sums.y * p.seg[1].inv_full_width + p.eps));
-      normalize_store<D, VEC, VPT, kCacheWeights>(p, c, t, cur, scale, weight);
+      normalize_store<D, VEC, VPT, kCacheWeights>(p, c, t, x, scale, weight);
     }
-    return following;
   };
 
-  while (token < p.tokens) {
-    token = step(xa, xb, token, 0);
-    if (token >= p.tokens) break;
-    token = step(xb, xa, token, 1);
+  // Software pipeline, two rows deep: `cur` holds row t, already published; `next` holds row
+  // t + gridDim.x, loaded. Row t+1's partials go out before we wait for row t's peers, so two
+  // exchanges are in flight, and cur's registers take row t+2 as soon as row t is stored.
+  // Returns the block's next row and its partials. Unrolled by two so the buffers stay in
+  // registers (no dynamic indexing).
+  auto step = [&](V(&cur)[VPT], V(&next)[VPT], int t, float2 partial, int next_parity, float2& next_partial) {
+    const int t1 = t + gridDim.x;
+    if (t1 < p.tokens) next_partial = reduce_publish(next, t1, next_parity);
+    collect_store(cur, t, partial);
+    const int t2 = t1 + gridDim.x;
+    if (t2 < p.tokens) load_row<D, VEC, VPT>(p, c, t2, cur);
+    return t1;
+  };
+
+  if (token < p.tokens) {
+    float2 partial = reduce_publish(xa, token, 0);
+    if (token + static_cast<int>(gridDim.x) < p.tokens) load_row<D, VEC, VPT>(p, c, token + gridDim.x, xb);
+    float2 next_partial = make_float2(0.f, 0.f);
+    for (;;) {
+      token = step(xa, xb, token, partial, 1, next_partial);
+      if (token >= p.tokens) break;
+      token = step(xb, xa, token, next_partial, 0, partial);
+      if (token >= p.tokens) break;
+    }
   }
 
   if constexpr (kLamport) {

@@ -95,44 +95,42 @@ int blocks_per_sm(KernelFn fn, int block, int device) {
 // Process-wide plan override for tuning runs (set_plan_override); 0 = automatic.
 int override_warps = 0;
 int override_vpt = 0;
+int override_tokens_per_block = 0;
 
-int pow2_floor(int64_t v) {
-  int p = 1;
-  while (p * 2 <= v) p *= 2;
-  return p;
-}
 int pow2_ceil(int64_t v) {
   int p = 1;
   while (p < v) p *= 2;
   return p;
 }
 
-// Warps per token group, from the token count: enough warps in flight to fill the GPU
-// (kTargetWarpsPerSm per SM) when there are few tokens, so a decode step spreads one row over
-// up to a whole block; one or two warps per token at prefill, where each block walks many
-// tokens and loads the next while the current one's statistics are exchanged. Never more warps
-// than the row has 32-vector columns for.
-constexpr int kTargetWarpsPerSm = 16;
-
+// The plan by token count, measured on 2x H200 (TP2, MiniMax-M2 rows of 448 16-byte vectors,
+// benchmarks/results/trace-*.json sweeps every plan at each T):
+// - decode (T up to half a token per SM): 8 warps per token, the fewest vectors per thread that
+//   cover the row (weights then stay in registers, loaded with the row);
+// - up to 4 tokens per SM: 8 warps and 4 vectors per thread (weights read after the exchange);
+// - prefill: the fewest warps that cover the row with 8 vectors per thread, many rows per block.
+// Never more warps than the row has 32-vector columns for.
 struct Shape {
   int warps;
   int vpt;
+  int tokens_per_block;
 };
 
 Shape choose_shape(int64_t row_vecs, int64_t tokens, bool wide, int sms) {
   const int warp = platform::kWarpSize;
   const int max_warps = kMaxBlockThreads / warp;
   const int useful = std::min(max_warps, pow2_ceil((row_vecs + warp - 1) / warp));
-  const int64_t target = static_cast<int64_t>(kTargetWarpsPerSm) * (sms > 0 ? sms : 1);
-  int warps = std::max(1, std::min(useful, pow2_floor(std::max<int64_t>(1, target / std::max<int64_t>(1, tokens)))));
+  const int64_t per_sm_x2 = 2 * tokens / std::max(1, sms);  // tokens per SM, times two
+  int warps = per_sm_x2 <= 8 ? std::min(useful, 8) : 1;
+  const int min_vpt = per_sm_x2 >= 1 && per_sm_x2 <= 8 ? 4 : (per_sm_x2 > 8 ? kMaxVpt : 1);
   if (!wide) {
     while (warps < max_warps && static_cast<int64_t>(warps) * warp * kScalarVpt < row_vecs) warps *= 2;
-    return {warps, kScalarVpt};
+    return {warps, kScalarVpt, 1};
   }
   for (;;) {
     for (int vpt : {1, 2, 4, 8})
-      if (static_cast<int64_t>(warps) * warp * vpt >= row_vecs) return {warps, vpt};
-    if (warps >= max_warps) return {warps, kMaxVpt};  // too wide: the caller reports it
+      if (vpt >= std::min(min_vpt, kMaxVpt) && static_cast<int64_t>(warps) * warp * vpt >= row_vecs) return {warps, vpt, 1};
+    if (warps >= max_warps) return {warps, kMaxVpt, 1};  // too wide: the caller reports it
     warps *= 2;
   }
 }
@@ -142,6 +140,7 @@ struct Plan {
   int vec = 1;
   int vpt = 1;
   int block = 0;
+  int tokens_per_block = 1;
   int coresident = 1;
   bool pdl = false;
 };
@@ -157,15 +156,17 @@ int use_device(int device) {
   return ARMS_OK;
 }
 
-int set_plan_override(int warps, int vpt) {
+int set_plan_override(int warps, int vpt, int tokens_per_block) {
   const int max_warps = kMaxBlockThreads / platform::kWarpSize;
   if (warps < 0 || warps > max_warps || (warps & (warps - 1)) != 0)
     return fail(ARMS_INVALID_ARGUMENT,
                 "warps_per_token must be 0 (automatic) or a power of two up to " + std::to_string(max_warps));
   if (vpt != 0 && vpt != 1 && vpt != 2 && vpt != 4 && vpt != 8)
     return fail(ARMS_INVALID_ARGUMENT, "vectors_per_thread must be 0 (automatic), 1, 2, 4 or 8");
+  if (tokens_per_block < 0) return fail(ARMS_INVALID_ARGUMENT, "tokens_per_block must be >= 0 (0: automatic)");
   override_warps = warps;
   override_vpt = vpt;
+  override_tokens_per_block = tokens_per_block;
   return ARMS_OK;
 }
 
@@ -200,6 +201,8 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk_tokens, Plan
   Shape shape = choose_shape(row_vecs, std::min<int64_t>(a->tokens, chunk_tokens), wide, limits.sms);
   if (override_warps > 0) shape.warps = override_warps;
   if (override_vpt > 0 && wide) shape.vpt = override_vpt;
+  if (override_tokens_per_block > 0) shape.tokens_per_block = override_tokens_per_block;
+  plan->tokens_per_block = shape.tokens_per_block;
   const int warp = platform::kWarpSize;
   plan->block = shape.warps * warp;
   plan->vpt = shape.vpt;
@@ -217,6 +220,14 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk_tokens, Plan
   return ARMS_OK;
 }
 
+// Blocks of one launch: one per tokens_per_block tokens, at most as many as are co-resident.
+// Every block of a spinning launch must be resident at once, or a block waiting for a peer could
+// keep the block the peer is waiting for from ever being scheduled.
+static int grid_for(int64_t tokens, const Plan& plan) {
+  const int64_t wanted = (tokens + plan.tokens_per_block - 1) / plan.tokens_per_block;
+  return static_cast<int>(std::min<int64_t>(wanted, plan.coresident));
+}
+
 int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
   if (!out) return fail(ARMS_INVALID_ARGUMENT, "plan: out is null");
   if (int status = use_device(a->device)) return status;
@@ -227,7 +238,7 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
   out->warps_per_token = plan.block / platform::kWarpSize;
   out->vectors_per_thread = plan.vpt;
   out->vector_elems = plan.vec;
-  out->grid = static_cast<int32_t>(std::min<int64_t>(first, plan.coresident));
+  out->grid = static_cast<int32_t>(grid_for(first, plan));
   out->launches = static_cast<int32_t>((a->tokens + chunk - 1) / chunk);
   out->pdl = plan.pdl ? 1 : 0;
   return ARMS_OK;
@@ -276,9 +287,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
       chunk.seg[s].out = g.out ? static_cast<char*>(g.out) + start * g.out_row_stride * esize : nullptr;
     }
     if (a->stats) chunk.stats = a->stats + start * a->num_segments;
-    // Every block of a spinning launch must be resident at once, or a block waiting for a peer
-    // could keep the block the peer is waiting for from ever being scheduled.
-    const int grid = static_cast<int>(tokens < plan.coresident ? tokens : plan.coresident);
+    const int grid = grid_for(tokens, plan);
     ARMS_RT(platform::launch(plan.fn, grid, plan.block, stream, plan.pdl, chunk), "launching the norm kernel");
   }
   return ARMS_OK;
