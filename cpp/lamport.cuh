@@ -94,8 +94,12 @@ struct Epoch {
 __device__ inline Epoch read_epoch(const LamportParams& lp, int lane) {
   uint64_t words = 0;  // {epoch, failed}
   if (lane == 0) {
-    words = platform::load_acquire_gpu_u64(&lp.ctrl->epoch);
-    if (gridDim.x > 1) platform::red_add_relaxed_gpu(&lp.ctrl->arrived, 1u);
+    if (gridDim.x > 1) {
+      words = platform::load_acquire_gpu_u64(&lp.ctrl->epoch);
+      platform::red_add_relaxed_gpu(&lp.ctrl->arrived, 1u);
+    } else {  // decode: no other block to wait for, so no count and no acquire (an L1 flush)
+      words = platform::load_relaxed_gpu_u64(&lp.ctrl->epoch);
+    }
   }
   Epoch e;
   e.epoch = __float_as_uint(platform::warp_shfl(__uint_as_float(static_cast<uint32_t>(words)), 0));
