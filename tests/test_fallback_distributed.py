@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
-from distributed import run_ranks
+from allreduce_rms.launch import run_ranks
 
 from numerics import DTYPES, TOLERANCE
 from numerics import rel_err as _rel_err

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import allreduce_rms
 from allreduce_rms import _native
-from distributed import run_ranks
+from allreduce_rms.launch import run_ranks
 from numerics import DTYPES, TOLERANCE, reference, rel_err, shard_scale
 
 pytestmark = pytest.mark.multigpu

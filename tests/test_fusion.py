@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
-from distributed import run_ranks
+from allreduce_rms.launch import run_ranks
 
 EPS = 1e-6
 Q, KV, HEAD = 32, 16, 16  # this rank's q and k widths (2 q heads, 1 kv head of 16)

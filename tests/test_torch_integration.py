@@ -13,7 +13,7 @@ import torch
 
 import allreduce_rms
 from allreduce_rms import TPQKNorm, TPRMSNorm, custom_ops, fallback
-from distributed import run_ranks
+from allreduce_rms.launch import run_ranks
 
 EPS = 1e-6
 # relative error norm ||y - ref|| / ||ref|| against the float64 reference, per input dtype

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import pytest
 import torch
 
-from distributed import run_ranks
+from allreduce_rms.launch import run_ranks
 
 pytestmark = pytest.mark.multigpu
 

@@ -13,7 +13,7 @@ import torch
 
 import allreduce_rms
 from allreduce_rms import Workspace, WorkspaceError, qk_norm, rms_norm
-from distributed import run_ranks
+from allreduce_rms.launch import run_ranks
 
 W = 16
 Q, KV = 16, 8

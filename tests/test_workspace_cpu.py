@@ -16,7 +16,7 @@ import allreduce_rms
 from allreduce_rms import Workspace, WorkspaceError, workspace_for
 from allreduce_rms import _native
 from allreduce_rms import workspace as wsmod
-from distributed import run_ranks
+from allreduce_rms.launch import run_ranks
 
 W = 8
 CYCLES = 100

@@ -1,7 +1,10 @@
 """The correctness check and the benchmark behind ``python -m allreduce_rms``.
 
 Every rank of a TP group runs :func:`run_rank` (the CLI spawns one process per GPU, or CPU
-ranks over gloo); rank 0 returns the results dict, everything else here is arithmetic on it.
+ranks over gloo, or runs as one rank of a torchrun job); rank 0 returns the results dict,
+everything else here is arithmetic on it. The ranks talk to each other only through tensor
+collectives (fixed-size byte tensors for text), on the device of the group's backend (nccl:
+the rank's GPU, gloo: the CPU), so nothing here needs numpy.
 
 Methods, measured side by side on the same inputs in one run (DESIGN.md, "Performance targets"):
 
@@ -20,27 +23,38 @@ Methods, measured side by side on the same inputs in one run (DESIGN.md, "Perfor
 Times are microseconds per call: ``graph_us`` is the median over several CUDA-graph replays of
 back-to-back calls (GPU only); ``eager_us`` is host wall-clock per call of a tight eager loop
 synchronized at the end; ``host_us`` is the host time to enqueue one call (the eager host
-overhead). Any failure of one method at one T is recorded as that row's ``error``.
+overhead). Each has its spread beside it: ``graph_us_p20`` / ``graph_us_p80`` (and likewise for
+eager and host) are the 20th and 80th percentiles of the same timed samples. Any failure of one
+method at one T is recorded as that row's ``error``.
 
 Results (rank 0's return value; the CLI writes it with ``--json``)::
 
-    {"schema": 1, "card": "NVIDIA H200" | "cpu", "tp": 2, "device": "cuda" | "cpu",
+    {"schema": 2, "card": "NVIDIA H200" | "cpu", "tp": 2, "device": "cuda" | "cpu",
      "backend": "nccl" | "gloo", "torch": "2.11.0+cu130", "cuda": ..., "hip": ..., "dtype": "bf16",
      "timing": "graph" | "eager",          # which column the tables and targets use
      "copy_bandwidth_GBps": 4100.0,        # (bytes read + written) / time of a large copy
+     "copy_bandwidth_GBps_p20": ..., "copy_bandwidth_GBps_p80": ...,
+     "spread": "p20/p80 ...",              # what the *_p20 / *_p80 keys are
      "shapes": {"minimax": {"q_heads", "kv_heads", "head_dim", "q_size", "kv_size"}, ...},
      "tokens": [...], "methods": [measured methods], "skipped": [{"method", "reason"}],
      "paths": {"fused": {"path", "reason"}, "fallback": {...}},
      "check": {"passed", "tolerances", "tokens", "shapes",
                "results": [{"path", "dtype", "max_rel_err", "worst_case", "tol", "passed", "error"}]},
-     "rows": [{"shape", "T", "method", "graph_us", "eager_us", "host_us", "error"}],
+     "rows": [{"shape", "T", "method", "graph_us", "eager_us", "host_us", "error",
+               "graph_us_p20", "graph_us_p80", "eager_us_p20", "eager_us_p80", "host_us_p20", "host_us_p80"}],
               # roofline rows: the bound in graph_us (GPU) and eager_us, plus "bytes"
      "ratios": [{"shape", "T", "fused_us", "fused_over_roofline", "baseline_over_fused": {method: x}}],
      "targets": {"setup", "notes", "met", "missed",
                  "rows": [{"name", "T", "kind", "limit", "unit", "measured", "status", "text", ...}]},
      "config": {...}, "env": {...}, "elapsed_s": ...}
 
-All times are microseconds per call; values from the slowest rank.
+All times are microseconds per call; values (each percentile separately) from the slowest rank.
+Schema 1 files (before the spread was recorded) have the same keys less the percentiles.
+
+Progress: rank 0 calls ``progress(kind, data)`` as it goes: ``("phase", text)`` while the
+amount of work is not known yet, ``("plan", {"total", "methods", "skipped", "paths"})`` once
+it is (total in work units), ``("step", {"text", "units"})`` when a step of that many units
+starts (the previous one is then done), and ``("done", None)`` at the end.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import statistics
 import sys
 import time
@@ -60,6 +75,11 @@ import torch.distributed as dist
 METHODS = ("fused", "fallback", "unfused_eager", "unfused_compiled", "symm_mem_oneshot", "roofline")
 BASELINES = ("fallback", "unfused_eager", "unfused_compiled", "symm_mem_oneshot")
 CPU_METHODS = ("fallback", "unfused_eager", "roofline")  # what a CPU (gloo) run can measure
+# Why a CPU run leaves the others out, in plain words (the fused kernel and symmetric memory
+# exist on GPUs only; torch.compile for CPU needs a C++ compiler and minutes on a small machine).
+CPU_SKIP_REASONS = {m: "timed on GPUs only (this is a CPU run)" for m in ("fused", "unfused_compiled", "symm_mem_oneshot")}
+PERCENTILES = (20, 80)  # the spread reported beside every median
+TEXT_BYTES = 1024       # room for one rank's error text in the fixed-size text all-gather
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative norm error ||out - ref|| / ||ref|| against the float64 reference.
@@ -126,7 +146,7 @@ class BenchConfig:
     shapes: Sequence[str] = ("minimax", "other")
     methods: Sequence[str] = METHODS
     dtype: str = "bf16"
-    iters: int = 5                     # timed samples per measurement (the median is reported)
+    iters: int = 5                     # timed samples per measurement (median and p20/p80 reported)
     graph_calls: int = 16              # calls captured into one CUDA graph
     graph_replays: int = 4             # graph replays per timed sample
     eager_calls: int = 8               # calls per timed eager sample
@@ -159,8 +179,28 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den
 
 
-def _median(values: List[float]) -> float:
+def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of `values`, interpolated linearly between the sorted
+    samples (numpy's default). Raises ValueError on an empty sequence."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(float(v) for v in values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(math.floor(pos))
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarize(values: Sequence[float], key: str) -> Dict[str, float]:
+    """{key: median, key_p20: 20th percentile, key_p80: 80th percentile} of the samples."""
+    out = {key: _median(values)}
+    for q in PERCENTILES:
+        out[f"{key}_p{q}"] = percentile(values, q)
+    return out
 
 
 def _error_text(exc: BaseException) -> str:
@@ -169,15 +209,42 @@ def _error_text(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- the rank context
+def _collective_device(device: torch.device) -> torch.device:
+    """Where the benchmark's own collective tensors live: on the GPU for nccl, on the CPU for
+    gloo (or without an initialized group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def encode_text(text: str, size: int = TEXT_BYTES) -> torch.Tensor:
+    """`text` as a uint8 tensor of exactly `size` bytes: UTF-8, zero-padded, cut at a character
+    boundary when too long (the last three bytes then read '...')."""
+    data = text.encode("utf-8")
+    if len(data) > size:
+        data = data[: size - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+    return torch.tensor(list(data) + [0] * (size - len(data)), dtype=torch.uint8)
+
+
+def decode_text(t: torch.Tensor) -> str:
+    """Inverse of :func:`encode_text`."""
+    data = bytes(t.cpu().tolist())
+    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+ProgressFn = Callable[[str, Any], None]
+
+
 class _Rank:
     """This process's rank, device and the few collectives the benchmark itself needs."""
 
     def __init__(self, rank: int, world: int, device: torch.device, cfg: BenchConfig,
-                 progress: Optional[Callable[[str], None]]) -> None:
+                 progress: Optional[ProgressFn]) -> None:
         self.rank, self.world, self.device, self.cfg = rank, world, device, cfg
         self.cuda = device.type == "cuda"
         self.progress = progress if rank == 0 else None
-        self._flag = torch.zeros(1, device=device)
+        self.coll_device = _collective_device(device)
+        self._flag = torch.zeros(1, device=self.coll_device)
 
     def device_sync(self) -> None:
         if self.cuda:
@@ -194,18 +261,21 @@ class _Rank:
                 dist.barrier()
 
     def max_over_ranks(self, values: List[float]) -> List[float]:
+        """Element-wise maximum over the ranks (collective)."""
         if self.world == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.coll_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
     def gather_text(self, text: str) -> List[str]:
+        """Every rank's `text` (up to TEXT_BYTES bytes of UTF-8 each), indexed by rank (collective)."""
         if self.world == 1:
             return [text]
-        out: List[Any] = [None] * self.world
-        dist.all_gather_object(out, text)
-        return [str(x) for x in out]
+        mine = encode_text(text).to(self.coll_device)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine)
+        return [decode_text(t) for t in out]
 
     def agree_error(self, error: Optional[str]) -> Optional[str]:
         """Every rank learns whether any rank failed; the text names the failing ranks."""
@@ -218,44 +288,61 @@ class _Rank:
         ranks = ",".join(str(r) for r, _ in failed)
         return first if len(failed) == self.world else f"rank {ranks}: {first}"
 
-    def say(self, text: str) -> None:
+    def report(self, kind: str, data: Any = None) -> None:
+        """One progress event (see the module docstring); rank 0 only."""
         if self.progress is not None:
-            self.progress(text)
+            self.progress(kind, data)
 
 
 # ----------------------------------------------------------------------------- workspaces
 def _open_workspaces(ctx: _Rank) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
-    """Create the fused and fallback workspaces (collective); a fused one that cannot work is
-    recorded with its reason instead."""
+    """Open the workspaces the run needs (collective) and say, for each path, why it is what it is.
+
+    On GPUs the first workspace takes the path the library picks by itself (or the one
+    ``ALLREDUCE_RMS_PATH`` asks for), with the library's reason; when that is the fused path, a
+    second one is opened with ``path="fallback"`` to time the fallback beside it. On CPU ranks
+    one workspace serves: the library's own choice, the fallback.
+    """
     from .workspace import Workspace
 
     spaces: Dict[str, Any] = {}
     info: Dict[str, Dict[str, Any]] = {}
+    auto_error = None
     try:
-        ws = Workspace(device=ctx.device, path="fused")
-        spaces["fused"] = ws
-        info["fused"] = {"path": ws.path, "reason": ws.reason}
-    except Exception as exc:  # raised on every rank alike: the path choice is agreed first
-        info["fused"] = {"path": None, "reason": _error_text(exc)}
-    try:
-        ws = Workspace(device=ctx.device, path="fallback")
-        spaces["fallback"] = ws
-        info["fallback"] = {"path": ws.path, "reason": ws.reason}
-    except Exception as exc:
-        info["fallback"] = {"path": None, "reason": _error_text(exc)}
+        ws = Workspace(device=ctx.device)
+    except Exception as exc:  # e.g. ALLREDUCE_RMS_PATH=fused where it cannot work; alike on every rank
+        auto_error = _error_text(exc)
+    else:
+        if ws.path == "fallback" or not ctx.cuda:
+            spaces["fallback"] = ws
+            info["fallback"] = {"path": ws.path, "reason": ws.reason}
+            if ctx.cuda:
+                info["fused"] = {"path": None, "reason": f"the library chose the fallback path: {ws.reason}"}
+        else:  # fused, or local (one rank: the local-only kernel)
+            spaces["fused"] = ws
+            info["fused"] = {"path": ws.path, "reason": ws.reason}
+    if auto_error is not None and ctx.cuda:
+        info["fused"] = {"path": None, "reason": auto_error}
+    if "fallback" not in spaces:
+        try:
+            ws = Workspace(device=ctx.device, path="fallback")
+            spaces["fallback"] = ws
+            why = "opened with path='fallback' by the benchmark, to time the fallback"
+            if auto_error is not None:
+                why += f" (the library's own choice failed: {auto_error})"
+            info["fallback"] = {"path": ws.path, "reason": ws.reason if ws.path == "local" else why}
+        except Exception as exc:
+            info["fallback"] = {"path": None, "reason": _error_text(exc)}
     return spaces, info
 
 
 def _fused_skip_reason(ctx: _Rank, spaces: Dict[str, Any], info: Dict[str, Dict[str, Any]]) -> Optional[str]:
-    """None when the fused kernel can be measured, else why not."""
+    """None when the fused kernel can be measured, else why not, in plain words."""
     if not ctx.cuda:
-        return "the fused kernel needs GPUs (this run uses CPU ranks over gloo)"
-    ws = spaces.get("fused")
-    if ws is None:
-        return f"no fused workspace: {info['fused']['reason']}"
-    if ws.path == "fused" or ws.path == "local":  # local: TP1, the local-only kernel
+        return CPU_SKIP_REASONS["fused"]
+    if "fused" in spaces:
         return None
-    return f"the workspace fell back ({ws.path}): {ws.reason}"
+    return info.get("fused", {}).get("reason") or "no fused workspace"
 
 
 def _close_workspaces(spaces: Dict[str, Any]) -> None:
@@ -312,7 +399,7 @@ def check_correctness(ctx: _Rank, spaces: Dict[str, Any], fused_skip: Optional[s
     for path in paths:
         ws = spaces[path]
         for dname, dtype in DTYPES.items():
-            ctx.say(f"check {path} {dname}")
+            ctx.report("step", {"text": f"check {path} {dname}", "units": CHECK_UNITS})
             worst, where, error = 0.0, "", None
             for si, sname in enumerate(shapes):
                 for tokens in CHECK_TOKENS:
@@ -347,7 +434,12 @@ def check_correctness(ctx: _Rank, spaces: Dict[str, Any], fused_skip: Optional[s
 # ----------------------------------------------------------------------------- timing
 def measure_copy_bandwidth(ctx: _Rank, nbytes: Optional[int] = None) -> float:
     """Device-to-device copy bandwidth in GB/s: (bytes read + bytes written) / time of copies of
-    `nbytes` (default 512 MiB on GPUs, far beyond L2; 32 MiB on CPU)."""
+    `nbytes` (default 512 MiB on GPUs, far beyond L2; 32 MiB on CPU); the median of 3 samples."""
+    return _median(copy_bandwidth_samples(ctx, nbytes))
+
+
+def copy_bandwidth_samples(ctx: _Rank, nbytes: Optional[int] = None) -> List[float]:
+    """The 3 samples (GB/s) behind :func:`measure_copy_bandwidth`."""
     nbytes = nbytes or ((512 << 20) if ctx.cuda else (32 << 20))
     reps = 10 if ctx.cuda else 4
     src = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device)
@@ -372,11 +464,12 @@ def measure_copy_bandwidth(ctx: _Rank, nbytes: Optional[int] = None) -> float:
             seconds = time.perf_counter() - t0
         samples.append(2.0 * nbytes * reps / max(seconds, 1e-12) / 1e9)
     del src, dst
-    return _median(samples)
+    return samples
 
 
-def _time_eager(ctx: _Rank, fn: Callable[[], Any]) -> Tuple[float, float]:
-    """(wall us per call, host enqueue us per call): tight loop, synchronized at the end."""
+def _time_eager(ctx: _Rank, fn: Callable[[], Any]) -> Tuple[List[float], List[float]]:
+    """Samples (one per eager_iters) of (wall us per call, host enqueue us per call): a tight
+    loop of eager_calls calls, synchronized at the end."""
     cfg = ctx.cfg
     wall, host = [], []
     for _ in range(cfg.eager_iters):
@@ -389,11 +482,17 @@ def _time_eager(ctx: _Rank, fn: Callable[[], Any]) -> Tuple[float, float]:
         t2 = time.perf_counter()
         wall.append((t2 - t0) / cfg.eager_calls * 1e6)
         host.append((t1 - t0) / cfg.eager_calls * 1e6)
-    return _median(wall), _median(host)
+    return wall, host
 
 
 def _time_graph(ctx: _Rank, fn: Callable[[], Any]) -> float:
     """Median us per call over replays of a CUDA graph of `graph_calls` back-to-back calls."""
+    return _median(_graph_samples(ctx, fn))
+
+
+def _graph_samples(ctx: _Rank, fn: Callable[[], Any]) -> List[float]:
+    """`iters` samples of us per call, each from `graph_replays` replays of a CUDA graph of
+    `graph_calls` back-to-back calls."""
     cfg = ctx.cfg
     current = torch.cuda.current_stream(ctx.device)
     side = torch.cuda.Stream(ctx.device)
@@ -424,7 +523,7 @@ def _time_graph(ctx: _Rank, fn: Callable[[], Any]) -> float:
         ctx.device_sync()
     finally:
         del graph
-    return _median(samples)
+    return samples
 
 
 def measure_floors(ctx: _Rank, spaces: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -558,24 +657,57 @@ def _method_fn(method: str, ctx: _Rank, spaces: Dict[str, Any], symm: _SymmMem, 
     raise ValueError(f"unknown method {method!r}")
 
 
+TIMING_KEYS = ("graph_us", "eager_us", "host_us")
+# every key a timed row carries: the median and its spread, per timing
+SAMPLE_KEYS = tuple(f"{k}{suffix}" for k in TIMING_KEYS for suffix in ("", *(f"_p{q}" for q in PERCENTILES)))
+
+
 def _measure(ctx: _Rank, fn: Callable[[], Any]) -> Dict[str, Optional[float]]:
+    """Warm up, then time `fn`: median and p20/p80 of eager wall, host and (GPU) graph samples."""
     for _ in range(ctx.cfg.warmup):  # also compiles, and creates NCCL communicators before capture
         fn()
     ctx.sync()
-    eager_us, host_us = _time_eager(ctx, fn)
-    graph_us = _time_graph(ctx, fn) if ctx.cuda else None
-    return {"graph_us": graph_us, "eager_us": eager_us, "host_us": host_us}
+    wall, host = _time_eager(ctx, fn)
+    out: Dict[str, Optional[float]] = {k: None for k in SAMPLE_KEYS}
+    out.update(summarize(wall, "eager_us"))
+    out.update(summarize(host, "host_us"))
+    if ctx.cuda:
+        out.update(summarize(_graph_samples(ctx, fn), "graph_us"))
+    return out
 
 
-def _plan(ctx: _Rank, fused_skip: Optional[str]) -> Tuple[List[str], List[Dict[str, str]]]:
-    """Methods this run measures, and the skipped ones with the reason."""
+def _step_units(tokens: int) -> float:
+    """Rough cost of timing one method at T tokens, in progress units (for the ETA)."""
+    return 1.0 + tokens / 1024.0
+
+
+CHECK_UNITS = 2.0  # one path x dtype of the correctness check, in the same units
+
+
+def plan_methods(ctx: _Rank, fused_skip: Optional[str], spaces: Dict[str, Any],
+                 info: Dict[str, Dict[str, Any]], symm: Optional["_SymmMem"] = None
+                 ) -> Tuple[List[str], List[Dict[str, str]]]:
+    """The methods this run measures, in order, and the others with the reason in plain words.
+
+    Collective on GPUs when symm_mem_oneshot is asked for: its buffer is set up here, so that a
+    torch without symmetric memory is known before any timing.
+    """
     measured, skipped = [], []
     for method in ctx.cfg.methods:
         reason = None
         if method == "fused":
             reason = fused_skip
         elif not ctx.cuda and method not in CPU_METHODS:
-            reason = "needs GPUs: a CPU run times only eager fallback and unfused_eager"
+            reason = CPU_SKIP_REASONS.get(method, "timed on GPUs only")
+        elif method == "fallback" and "fallback" not in spaces:
+            reason = f"no fallback workspace: {info.get('fallback', {}).get('reason')}"
+        elif method == "symm_mem_oneshot" and symm is not None:
+            error = None
+            try:
+                symm.setup(ctx, max(ctx.cfg.tokens))
+            except Exception as exc:
+                error = str(exc)
+            reason = ctx.agree_error(error)  # every rank skips it, or none does
         if reason:
             skipped.append({"method": method, "reason": reason})
         else:
@@ -583,16 +715,22 @@ def _plan(ctx: _Rank, fused_skip: Optional[str]) -> Tuple[List[str], List[Dict[s
     return measured, skipped
 
 
-def run_benchmark(ctx: _Rank, spaces: Dict[str, Any], methods: List[str], bandwidth: float) -> List[Dict[str, Any]]:
+def plan_units(ctx: _Rank, methods: Sequence[str], checks: int) -> float:
+    """Total progress units of the run after the plan: checks, bandwidth, timings."""
+    timed = [m for m in methods if m != "roofline"]
+    return checks * CHECK_UNITS + 1.0 + len(ctx.cfg.shapes) * len(timed) * sum(_step_units(t) for t in ctx.cfg.tokens)
+
+
+def run_benchmark(ctx: _Rank, spaces: Dict[str, Any], methods: List[str], bandwidth: float,
+                  symm: Optional["_SymmMem"] = None) -> List[Dict[str, Any]]:
+    """Time every method at every (shape, T); one row each (see the module docstring)."""
     from .ops import fused_plan
 
     cfg = ctx.cfg
     dtype = DTYPES[cfg.dtype]
     elem = torch.tensor([], dtype=dtype).element_size()
-    symm = _SymmMem()
+    symm = symm if symm is not None else _SymmMem()
     rows: List[Dict[str, Any]] = []
-    total = len(cfg.shapes) * len(cfg.tokens) * len(methods)
-    done = 0
     for sname in cfg.shapes:
         shape = SHAPES[sname]
         q_size, kv_size = shape.sizes(ctx.world)
@@ -602,8 +740,6 @@ def run_benchmark(ctx: _Rank, spaces: Dict[str, Any], methods: List[str], bandwi
             wq = (1.0 + 0.1 * torch.randn(q_size, generator=gen, device=ctx.device)).to(dtype)
             wk = (1.0 + 0.1 * torch.randn(kv_size, generator=gen, device=ctx.device)).to(dtype)
             for method in methods:
-                done += 1
-                ctx.say(f"[{done}/{total}] {sname} T={tokens} {method}")
                 row: Dict[str, Any] = {"shape": sname, "T": tokens, "method": method,
                                        "graph_us": None, "eager_us": None, "host_us": None, "error": None}
                 if method == "roofline":
@@ -613,6 +749,7 @@ def run_benchmark(ctx: _Rank, spaces: Dict[str, Any], methods: List[str], bandwi
                     row.update(graph_us=value if ctx.cuda else None, eager_us=value, bytes=nbytes)
                     rows.append(row)
                     continue
+                ctx.report("step", {"text": f"{sname} T={tokens} {method}", "units": _step_units(tokens)})
                 error = None
                 try:
                     if method == "fused" and ctx.cuda and spaces["fused"].path == "fused":
@@ -628,11 +765,11 @@ def run_benchmark(ctx: _Rank, spaces: Dict[str, Any], methods: List[str], bandwi
                         pass
                 error = ctx.agree_error(error)
                 if error is not None:
-                    row.update(graph_us=None, eager_us=None, host_us=None, error=error)
-                else:  # report the slowest rank
-                    keys = ("graph_us", "eager_us", "host_us")
-                    values = ctx.max_over_ranks([row[k] if row[k] is not None else -1.0 for k in keys])
-                    row.update({k: (v if v >= 0 else None) for k, v in zip(keys, values)})
+                    row.update({k: None for k in SAMPLE_KEYS})
+                    row["error"] = error
+                else:  # report the slowest rank, statistic by statistic
+                    values = ctx.max_over_ranks([row.get(k) if row.get(k) is not None else -1.0 for k in SAMPLE_KEYS])
+                    row.update({k: (v if v >= 0 else None) for k, v in zip(SAMPLE_KEYS, values)})
                 rows.append(row)
             del qkv, wq, wk
     symm.buf = None  # free the symmetric buffer before the process group goes away
@@ -748,16 +885,16 @@ def evaluate_targets(results: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def describe_target(entry: Dict[str, Any]) -> str:
-    """One line: 'met: 2.91 us <= 3.2 us' / 'missed: 1.41x roofline > 1.25x roofline' / ..."""
+    """One line: 'met: 2.91 µs <= 3.2 µs' / 'missed: 1.41x roofline > 1.25x roofline' / ..."""
     limit = entry["limit"]
     if entry["unit"] == "us":
-        limit_text = f"{limit:g} us"
-        value_text = f"{entry['measured']:.2f} us" if entry["measured"] is not None else ""
+        limit_text = f"{limit:g} µs"
+        value_text = f"{entry['measured']:.2f} µs" if entry["measured"] is not None else ""
     else:
         limit_text = f"{limit:g}x roofline"
         value_text = f"{entry['measured']:.2f}x roofline" if entry["measured"] is not None else ""
         if entry.get("fused_us") is not None:
-            value_text += f" ({entry['fused_us']:.1f} us)"
+            value_text += f" ({entry['fused_us']:.1f} µs)"
     if entry["status"] == "met":
         return f"met: {value_text} <= {limit_text}"
     if entry["status"] == "missed":
@@ -773,40 +910,70 @@ def finalize(results: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- one rank's job
-def run_rank(rank: int, world: int, cfg: BenchConfig,
-             progress: Optional[Callable[[str], None]] = None) -> Optional[Dict[str, Any]]:
+def package_version() -> str:
+    """This package's version: the installed distribution's, else the module's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("allreduce-rms")
+    except PackageNotFoundError:
+        pass
+    import importlib
+
+    package = importlib.import_module(__package__ or "allreduce_rms")
+    return str(getattr(package, "__version__", "unknown"))
+
+
+def run_rank(rank: int, world: int, cfg: BenchConfig, progress: Optional[ProgressFn] = None,
+             local_rank: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """The whole job on one rank (torch.distributed already initialized when world > 1).
+
+    Args:
+        rank, world: this rank and the group size (the TP size).
+        cfg: what to measure (identical on every rank).
+        progress: rank 0's progress events (see the module docstring); ignored elsewhere.
+        local_rank: the GPU index on this host (default `rank`; torchrun's LOCAL_RANK on
+            several hosts).
 
     Returns the results dict on rank 0, None elsewhere.
     """
     started = time.perf_counter()
+    local_rank = rank if local_rank is None else local_rank
     if cfg.device == "cuda":
-        device = torch.device("cuda", rank)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     ctx = _Rank(rank, world, device, cfg, progress)
-    ctx.say("opening workspaces")
+    ctx.report("phase", "opening workspaces")
+    hosts = len(set(ctx.gather_text(socket.gethostname())))
     spaces, paths = _open_workspaces(ctx)
+    symm = _SymmMem()
     try:
         fused_skip = _fused_skip_reason(ctx, spaces, paths)
+        methods, skipped = plan_methods(ctx, fused_skip, spaces, paths, symm if ctx.cuda else None)
+        checked = [p for p in ("fused", "fallback") if p in spaces and (p != "fused" or fused_skip is None)]
+        checks = len(checked) * len(DTYPES) if cfg.check else 0
+        ctx.report("plan", {"total": plan_units(ctx, methods, checks), "methods": methods, "skipped": skipped,
+                            "paths": paths})
         check = check_correctness(ctx, spaces, fused_skip, cfg.shapes) if cfg.check else None
-        ctx.say("measuring copy bandwidth")
-        bandwidth = measure_copy_bandwidth(ctx)
-        methods, skipped = _plan(ctx, fused_skip)
-        rows = run_benchmark(ctx, spaces, methods, bandwidth)
-        ctx.say("measuring the machine's floors")
+        ctx.report("step", {"text": "measuring copy bandwidth", "units": 1.0})
+        samples = copy_bandwidth_samples(ctx)
+        rows = run_benchmark(ctx, spaces, methods, _median(samples), symm)
+        ctx.report("phase", "measuring the machine's floors")
         floors = measure_floors(ctx, spaces)
         ctx.sync()
     finally:
+        symm.buf = None
         _close_workspaces(spaces)
+    ctx.report("done")
     if rank != 0:
         return None
-    from . import __version__
 
     results: Dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,
         "card": torch.cuda.get_device_name(device) if ctx.cuda else "cpu",
         "tp": world,
         "device": device.type,
@@ -814,7 +981,8 @@ def run_rank(rank: int, world: int, cfg: BenchConfig,
         "torch": torch.__version__,
         "cuda": getattr(torch.version, "cuda", None),
         "hip": getattr(torch.version, "hip", None),
-        "allreduce_rms": __version__,
+        "allreduce_rms": package_version(),
+        "hosts": hosts,
         "python": sys.version.split()[0],
         "dtype": cfg.dtype,
         "timing": "graph" if ctx.cuda else "eager",
@@ -828,8 +996,12 @@ def run_rank(rank: int, world: int, cfg: BenchConfig,
         "methods": methods,
         "skipped": skipped,
         "paths": paths,
-        "copy_bandwidth_GBps": bandwidth,
         "floors": floors,
+        "copy_bandwidth_GBps": _median(samples),
+        "copy_bandwidth_GBps_p20": percentile(samples, 20),
+        "copy_bandwidth_GBps_p80": percentile(samples, 80),
+        "spread": (f"*_p20 / *_p80: 20th / 80th percentile of the timed samples ({cfg.iters} CUDA-graph samples, "
+                   f"{cfg.eager_iters} eager samples per row; slowest rank)"),
         "check": check,
         "rows": rows,
     }

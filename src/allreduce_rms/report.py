@@ -1,20 +1,26 @@
 """Render benchmark results (the JSON that ``python -m allreduce_rms --json`` writes).
 
     python -m allreduce_rms.report results/*.json            # markdown, for README.md
-    python -m allreduce_rms.report --text r.json             # the CLI's plain-text table
+    python -m allreduce_rms.report --text r.json             # the CLI's tables (rich), as text
 
-Per shape, one table: T rows, one column per method in microseconds per call (CUDA-graph
-replay on GPUs, eager wall-clock on CPU), fused / roofline, and the DESIGN.md target status.
+Per shape, one table: T rows, one column per method in microseconds (µs) per call (CUDA-graph
+replay on GPUs, eager wall-clock on CPU), each median with its p20-p80 spread where the file
+has it (schema 2), fused / roofline, and the DESIGN.md target status. Terminal tables are drawn
+by rich; the markdown is for README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from .bench import BASELINES, METHODS, SHAPES, TARGETS, compute_ratios, evaluate_targets
+from .bench import BASELINES, METHODS, SHAPES, TARGETS, compute_ratios, describe_target, evaluate_targets
+
+US = "µs"
+DASH = "–"  # between p20 and p80
 
 
 def load(path: str) -> Dict[str, Any]:
@@ -41,6 +47,16 @@ def fmt_us(value: Optional[float]) -> str:
 
 def fmt_ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def fmt_spread(row: Optional[Dict[str, Any]], key: str) -> str:
+    """'p20–p80' of one timing ('' where the row has no percentiles: a schema-1 file, a bound)."""
+    if row is None or row.get("error"):
+        return ""
+    low, high = row.get(f"{key}_p20"), row.get(f"{key}_p80")
+    if low is None or high is None:
+        return ""
+    return f"{fmt_us(low)}{DASH}{fmt_us(high)}"
 
 
 def _rows_for(results: Dict[str, Any], shape: str) -> Dict[tuple, Dict[str, Any]]:
@@ -73,12 +89,15 @@ def _methods(results: Dict[str, Any]) -> List[str]:
     return order + [m for m in present if m not in order]
 
 
-def _cell(row: Optional[Dict[str, Any]], key: str) -> str:
+def _cell(row: Optional[Dict[str, Any]], key: str, spread: bool = False) -> str:
+    """The median; with `spread`, followed by ' (p20–p80)' where the row has them."""
     if row is None:
         return "-"
     if row.get("error"):
         return "error"
-    return fmt_us(row.get(key))
+    text = fmt_us(row.get(key))
+    extra = fmt_spread(row, key) if spread else ""
+    return f"{text} ({extra})" if extra else text
 
 
 def _target_status(results: Dict[str, Any], shape: str, tokens: int) -> str:
@@ -89,13 +108,14 @@ def _target_status(results: Dict[str, Any], shape: str, tokens: int) -> str:
     for entry in targets.get("rows", []):
         if entry["T"] != tokens or entry.get("kind") == "host":
             continue
-        limit = f"<= {entry['limit']:g} us" if entry["unit"] == "us" else f"<= {entry['limit']:g}x roofline"
+        limit = f"<= {entry['limit']:g} {US}" if entry["unit"] == "us" else f"<= {entry['limit']:g}x roofline"
         return f"{entry['status']} ({limit})"
     return ""
 
 
-def shape_table(results: Dict[str, Any], shape: str, key: Optional[str] = None) -> tuple:
-    """(headers, rows) of one shape: T, methods (us), fused/roofline, target."""
+def shape_table(results: Dict[str, Any], shape: str, key: Optional[str] = None, spread: bool = True) -> tuple:
+    """(headers, rows) of one shape: T, methods (µs; 'median (p20–p80)' with `spread`),
+    fused/roofline, target."""
     key = key or ("graph_us" if results.get("timing") == "graph" else "eager_us")
     methods = _methods(results)
     by = _rows_for(results, shape)
@@ -105,7 +125,7 @@ def shape_table(results: Dict[str, Any], shape: str, key: Optional[str] = None) 
     headers = ["T"] + methods + (["fused/roofline"] if show_ratio else []) + (["target"] if show_target else [])
     rows = []
     for tokens in _tokens(results, shape):
-        line = [str(tokens)] + [_cell(by.get((tokens, m)), key) for m in methods]
+        line = [str(tokens)] + [_cell(by.get((tokens, m)), key, spread) for m in methods]
         if show_ratio:
             line.append(fmt_ratio(ratios.get((shape, tokens), {}).get("fused_over_roofline")))
         if show_target:
@@ -155,18 +175,6 @@ def _errors(results: Dict[str, Any]) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- layout
-def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
-    """Aligned columns: numbers right-justified, the free-text 'target' column left-justified."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    left = {i for i, h in enumerate(headers) if h == "target"}
-
-    def line(cells: Sequence[str]) -> str:
-        return (indent + "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))).rstrip()
-
-    return "\n".join([line(headers), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     align = ["---" if h == "target" else "---:" for h in headers]
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
@@ -177,14 +185,22 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _title(results: Dict[str, Any]) -> str:
     card = results.get("card", "?")
     tp = results.get("tp", "?")
-    return (f"{card} x{tp} (TP{tp}), {results.get('dtype', '?')}, torch {results.get('torch', '?')}, "
+    hosts = results.get("hosts")
+    where = f" on {hosts} hosts" if hosts and hosts > 1 else ""
+    return (f"{card} x{tp} (TP{tp}{where}), {results.get('dtype', '?')}, torch {results.get('torch', '?')}, "
             f"{results.get('backend', '?')}")
 
 
+def _has_spread(results: Dict[str, Any]) -> bool:
+    return any(r.get("eager_us_p20") is not None or r.get("graph_us_p20") is not None
+               for r in results.get("rows", []))
+
+
 def _timing_words(results: Dict[str, Any]) -> str:
+    spread = f" (p20{DASH}p80 spread under it)" if _has_spread(results) else ""
     if results.get("timing") == "graph":
-        return "us per call, median of CUDA-graph replays of back-to-back calls"
-    return "us per call, eager host wall-clock (no CUDA graphs on CPU)"
+        return f"{US} per call, median of CUDA-graph replays of back-to-back calls{spread}"
+    return f"{US} per call, median of eager wall-clock samples{spread}; no CUDA graphs on CPU"
 
 
 def _shape_words(results: Dict[str, Any], shape: str) -> str:
@@ -195,68 +211,165 @@ def _shape_words(results: Dict[str, Any], shape: str) -> str:
     return f"{shape}: {SHAPES[shape].describe(results.get('tp', 1))}" if shape in SHAPES else shape
 
 
-def check_lines(check: Optional[Dict[str, Any]]) -> List[str]:
+def _target_text(entry: Dict[str, Any]) -> str:
+    try:  # re-worded from the entry's fields, so older files read like new ones
+        return describe_target(entry)
+    except (KeyError, TypeError):
+        return str(entry.get("text", ""))
+
+
+# ----------------------------------------------------------------------------- terminal (rich)
+def _rich_table(headers: Sequence[str]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold", pad_edge=False)
+    for h in headers:
+        left = h in ("target", "status", "path", "dtype", "result", "worst case", "method", "why")
+        table.add_column(h, justify="left" if left else "right", no_wrap=not left)
+    return table
+
+
+def _timing_cell(row: Optional[Dict[str, Any]], key: str, extra: str = "") -> Any:
+    """A table cell: the median, and under it the p20–p80 spread (dim) and `extra`."""
+    from rich.text import Text
+
+    text = Text(_cell(row, key), style="red" if row is not None and row.get("error") else "")
+    below = " ".join(x for x in (fmt_spread(row, key), extra) if x)
+    if below:
+        text.append("\n" + below, style="dim")
+    return text
+
+
+def _shape_renderables(results: Dict[str, Any], shape: str) -> List[Any]:
+    key = "graph_us" if results.get("timing") == "graph" else "eager_us"
+    methods = _methods(results)
+    by = _rows_for(results, shape)
+    from rich.text import Text
+
+    headers, plain = shape_table(results, shape, key, spread=False)
+    table = _rich_table(headers)
+    for tokens, line in zip(_tokens(results, shape), plain):
+        cells: List[Any] = [line[0]]
+        cells += [_timing_cell(by.get((tokens, m)), key) for m in methods]
+        cells += line[1 + len(methods):]  # fused/roofline, target: plain text
+        table.add_row(*cells)
+    out: List[Any] = [Text(_shape_words(results, shape), style="bold"), Text(_timing_words(results)), table]
+    if results.get("timing") == "graph":
+        eager_methods = [m for m in methods if m != "roofline"]
+        out.append(Text(f"Eager: {US} per call (p20{DASH}p80 under it), and the host time to enqueue one call"))
+        eager = _rich_table(["T"] + eager_methods)
+        for tokens in _tokens(results, shape):
+            cells = [str(tokens)]
+            for m in eager_methods:
+                row = by.get((tokens, m))
+                host = row.get("host_us") if row is not None and not row.get("error") else None
+                cells.append(_timing_cell(row, "eager_us", f"host {fmt_us(host)}" if host is not None else ""))
+            eager.add_row(*cells)
+        out.append(eager)
+    speed = speedup_table(results, shape)
+    if speed:
+        out.append(Text("Baseline time / fused time (> 1: fused is faster)"))
+        table = _rich_table(speed[0])
+        for line in speed[1]:
+            table.add_row(*line)
+        out.append(table)
+    return out
+
+
+def _check_renderables(check: Optional[Dict[str, Any]]) -> List[Any]:
+    from rich.text import Text
+
     if not check:
-        return ["correctness check: not run"]
-    lines = [f"correctness check: qk_norm vs float64 reference, {check['metric'].split(' against')[0]}, "
-             f"T in {','.join(map(str, check['tokens']))}, shapes {','.join(check['shapes'])}"]
+        return [Text("Correctness check: not run")]
+    verdict = Text("PASS", style="bold green") if check["passed"] else Text("FAIL", style="bold red")
+    title = Text.assemble("Correctness check: ", verdict,
+                          f" (qk_norm vs float64, relative norm error, T in {','.join(map(str, check['tokens']))}, "
+                          f"shapes {','.join(check['shapes'])})")
+    table = _rich_table(["path", "dtype", "max rel err", "tolerance", "result", "worst case"])
     for e in check["results"]:
         err = "-" if e["max_rel_err"] is None else f"{e['max_rel_err']:.2e}"
-        verdict = "PASS" if e["passed"] else "FAIL"
-        extra = f"  ({e['error']})" if e.get("error") else (f"  worst at {e['worst_case']}" if e.get("worst_case") else "")
-        lines.append(f"  {e['path']:<9} {e['dtype']:<5} max rel err {err:>9}  tol {e['tol']:.1e}  {verdict}{extra}")
+        result = Text("PASS", style="green") if e["passed"] else Text("FAIL", style="bold red")
+        table.add_row(e["path"], e["dtype"], err, f"{e['tol']:.1e}", result, e.get("error") or e.get("worst_case") or "")
     if not check["results"]:
-        lines.append("  no path could be checked")
-    lines.append(f"  overall: {'PASS' if check['passed'] else 'FAIL'}")
-    return lines
+        return [title, Text("  no path could be checked", style="red")]
+    return [title, table]
 
 
-def target_lines(targets: Dict[str, Any]) -> List[str]:
+def _target_renderables(targets: Dict[str, Any]) -> List[Any]:
+    from rich.text import Text
+
     setup = targets.get("setup", {})
-    lines = [f"targets (DESIGN.md; TP{setup.get('tp')} {setup.get('shape')} {setup.get('dtype')}, fused path): "
-             f"{targets.get('met', 0)} met, {targets.get('missed', 0)} missed"]
+    out: List[Any] = [Text(f"Targets (DESIGN.md; TP{setup.get('tp')} {setup.get('shape')} {setup.get('dtype')}, "
+                           f"fused path): {targets.get('met', 0)} met, {targets.get('missed', 0)} missed", style="bold")]
     for note in targets.get("notes", []):
-        lines.append(f"  note: {note}")
+        out.append(Text(f"  note: {note}", style="dim"))
     rows = targets.get("rows", [])
     whys = {e.get("why") for e in rows}
     if rows and all(e["status"] == "not measured" for e in rows) and len(whys) == 1:
         names = ", ".join(e["name"] for e in rows)
-        return lines + [f"  all not measured ({names}): {whys.pop()}"]
+        out.append(Text(f"  all not measured ({names}): {whys.pop()}"))
+        return out
+    table = _rich_table(["target", "status", "TRT-LLM kernel"])
+    style = {"met": "green", "missed": "red"}
     for entry in rows:
         ref = entry.get("reference_kernel_us")
-        ref_text = f"  [TRT-LLM kernel {ref:g} us]" if ref else ""
-        lines.append(f"  {entry['name']:<20} {entry['text']}{ref_text}")
-    return lines
+        table.add_row(entry["name"], Text(_target_text(entry), style=style.get(entry["status"], "")),
+                      f"{ref:g} {US}" if ref else "-")
+    out.append(table)
+    return out
+
+
+def renderables(results: Dict[str, Any]) -> List[Any]:
+    """Everything the CLI prints for one results dict, as rich renderables, in order."""
+    from rich.text import Text
+
+    out: List[Any] = [Text(f"allreduce-rms benchmark: {_title(results)}", style="bold")]
+    bw = results.get("copy_bandwidth_GBps", 0) or 0
+    low, high = results.get("copy_bandwidth_GBps_p20"), results.get("copy_bandwidth_GBps_p80")
+    spread = f" ({low:.1f}{DASH}{high:.1f})" if low is not None and high is not None else ""
+    out.append(Text(f"Copy bandwidth {bw:.1f} GB/s{spread}; roofline = 2*T*(q+k)*bytes / that"))
+    for name, info in (results.get("paths") or {}).items():
+        out.append(Text(f"{name} workspace: {info.get('path') or 'unavailable'} ({info.get('reason')})"))
+    out.append(Text(""))
+    out += _check_renderables(results.get("check"))
+    by_reason: Dict[str, List[str]] = {}
+    for skip in results.get("skipped", []):
+        by_reason.setdefault(skip["reason"], []).append(skip["method"])
+    for reason, methods in by_reason.items():
+        out.append(Text(f"Not measured: {', '.join(methods)}: {reason}"))
+    for shape in _shapes(results):
+        out.append(Text(""))
+        out += _shape_renderables(results, shape)
+    errors = _errors(results)
+    if errors:
+        out.append(Text("Errors:", style="bold red"))
+        out += [Text(f"  {e}") for e in errors]
+    out.append(Text(""))
+    out += _target_renderables(results.get("targets") or evaluate_targets(results))
+    return out
+
+
+def print_results(results: Dict[str, Any], console: Any) -> None:
+    """Print :func:`renderables` on a rich Console."""
+    for item in renderables(results):
+        console.print(item)
+
+
+def render_text(results: Dict[str, Any], width: int = 160) -> str:
+    """The CLI's report as plain text (no colors), `width` columns at most."""
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, highlight=False,
+                      soft_wrap=True)
+    print_results(results, console)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
 
 
 # ----------------------------------------------------------------------------- renderers
-def render_text(results: Dict[str, Any]) -> str:
-    """The plain-text report the CLI prints to stdout."""
-    out = [f"allreduce-rms benchmark: {_title(results)}",
-           f"copy bandwidth: {results.get('copy_bandwidth_GBps', 0):.1f} GB/s (roofline = 2*T*(q+k)*bytes / that)"]
-    for name, info in (results.get("paths") or {}).items():
-        out.append(f"{name} workspace: {info.get('path') or 'unavailable'} ({info.get('reason')})")
-    out.append("")
-    out += check_lines(results.get("check"))
-    for skip in results.get("skipped", []):
-        out.append(f"skipped {skip['method']}: {skip['reason']}")
-    for shape in _shapes(results):
-        out += ["", f"{_shape_words(results, shape)}  [{_timing_words(results)}]"]
-        out.append(_text_table(*shape_table(results, shape)))
-        if results.get("timing") == "graph":
-            out += ["", "  eager: us per call (host enqueue us per call)"]
-            out.append(_text_table(*eager_table(results, shape)))
-        speed = speedup_table(results, shape)
-        if speed:
-            out += ["", "  ratios: baseline time / fused time (> 1: fused is faster)"]
-            out.append(_text_table(*speed))
-    errors = _errors(results)
-    if errors:
-        out += ["", "errors:"] + [f"  {e}" for e in errors]
-    out += [""] + target_lines(results.get("targets") or evaluate_targets(results))
-    return "\n".join(out) + "\n"
-
-
 def render_markdown(all_results: Sequence[Dict[str, Any]]) -> str:
     """Markdown for README.md: one section per results file, one table per shape."""
     out: List[str] = []
@@ -282,46 +395,70 @@ def render_markdown(all_results: Sequence[Dict[str, Any]]) -> str:
         out += ["", "| target | status | TRT-LLM kernel |", "|---|---|---:|"]
         for entry in targets.get("rows", []):
             ref = entry.get("reference_kernel_us")
-            out.append(f"| {entry['name']} | {entry['text']} | {f'{ref:g} us' if ref else '-'} |")
+            out.append(f"| {entry['name']} | {_target_text(entry)} | {f'{ref:g} {US}' if ref else '-'} |")
         for note in targets.get("notes", []):
             out += ["", f"Note: {note}."]
         out.append("")
     return "\n".join(out)
 
 
+PLOT_INSTALL = 'pip install "allreduce-rms[plot]"'
+
+
+def plot_problem(path: str) -> Optional[str]:
+    """Why `path` cannot take the plot (None when it can): matplotlib missing, or a file type
+    matplotlib does not write. Imports matplotlib (about a second)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        return f"the plot needs matplotlib, which is not installed: {PLOT_INSTALL}"
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    kinds = Figure().canvas.get_supported_filetypes()
+    if ext not in kinds:
+        return (f"cannot tell the image type from {path!r}: end the name with one of "
+                f".{', .'.join(sorted(kinds))} (e.g. results.png)")
+    return None
+
+
 def plot(results: Dict[str, Any], path: str) -> Optional[str]:
-    """Write a PNG of latency vs T per method (log-log, roofline dashed); None when written,
-    else the reason it was skipped (matplotlib missing)."""
+    """Write a PNG of latency vs T per method (log-log; the p20–p80 spread shaded; roofline
+    dashed); None when written, else the reason it was not (matplotlib missing)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: skipping the plot (pip install 'allreduce-rms[plot]')"
+        return f"matplotlib is not installed: no plot ({PLOT_INSTALL})"
     key = "graph_us" if results.get("timing") == "graph" else "eager_us"
     shapes = _shapes(results) or ["minimax"]
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4.8), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         by = _rows_for(results, shape)
         for method in _methods(results):
-            points = sorted((t, r[key]) for (t, m), r in by.items()
+            points = sorted((t, r[key], r.get(f"{key}_p20"), r.get(f"{key}_p80")) for (t, m), r in by.items()
                             if m == method and not r.get("error") and r.get(key) and r[key] > 0)
             if not points:
                 continue
-            xs, ys = zip(*points)
+            xs, ys, lows, highs = zip(*points)
             if method == "roofline":
                 ax.plot(xs, ys, linestyle="--", color="black", label="roofline (copy bandwidth)")
             else:  # one color per method in every panel
                 color = f"C{METHODS.index(method)}" if method in METHODS else None
                 ax.plot(xs, ys, marker="o", markersize=3, color=color, label=method)
+                if all(v is not None for v in lows + highs):
+                    ax.fill_between(xs, lows, highs, color=color, alpha=0.2, linewidth=0)
         limits = [(t["T"], t["limit_us"]) for t in TARGETS if "limit_us" in t]
         if shape == "minimax" and key == "graph_us" and any((t, "fused") in by for t, _ in limits):
             ax.plot(*zip(*limits), marker="v", color="red", linestyle="none", label="DESIGN.md target")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
-        ax.set_ylabel("us per call" + (" (CUDA graph)" if key == "graph_us" else " (eager)"))
+        ax.set_ylabel(f"{US} per call" + (" (CUDA graph)" if key == "graph_us" else " (eager)")
+                      + (f", median and p20{DASH}p80" if _has_spread(results) else ""))
         ax.set_title(_shape_words(results, shape), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -347,6 +484,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"allreduce_rms.report: {exc}", file=sys.stderr)
         return 2
+    if args.text and not args.output:
+        from rich.console import Console
+
+        console = Console(highlight=False, soft_wrap=True)
+        if not console.is_terminal:
+            console.width = 160
+        for results in all_results:
+            print_results(results, console)
+        return 0
     text = "".join(render_text(r) for r in all_results) if args.text else render_markdown(all_results)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
