@@ -76,10 +76,6 @@ __device__ __forceinline__ ThreadColumns<VEC, VPT> thread_columns(const KernelPa
 
 __device__ __forceinline__ const KernelSegment& segment(const KernelParams& p, int s) { return s == 0 ? p.seg[0] : p.seg[1]; }
 
-// Address of a segment's weight element `col` (weights may be fp32, fp16 or bf16).
-__device__ __forceinline__ const void* weight_address(const KernelSegment& g, int col) {
-  return static_cast<const char*>(g.weight) + static_cast<int64_t>(col) * (g.weight_dtype == ARMS_F32 ? 4 : 2);
-}
 
 template <class D, int VEC, int VPT>
 __device__ __forceinline__ void load_row(const KernelParams& p, const ThreadColumns<VEC, VPT>& c, int token,
@@ -246,11 +242,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   // then the normalized row to the output.
   auto collect_store = [&](const V(&x)[VPT], int t, float2 partial) {
     if constexpr (kNormalizes) {
-      if constexpr (!kCacheWeights) {  // weights in L1 by the time the peers' partials are in
-#pragma unroll
-        for (int i = 0; i < VPT; ++i)
-          if (c.seg(i) >= 0) platform::prefetch_l1(weight_address(segment(p, c.seg(i)), c.col(i)));
-      }
       float2 sums = partial;
       if constexpr (kLamport) {
         sums = exchanged_sums(p, e, t, partial);
@@ -281,9 +272,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   };
 
   if (token < p.tokens) {
-    // the block's second row is loading while the first is reduced and published
-    if (token + static_cast<int>(gridDim.x) < p.tokens) load_row<D, VEC, VPT>(p, c, token + gridDim.x, xb);
     float2 partial = reduce_publish(xa, token, 0);
+    // (Tried together, in one 2x H200 run: loading the second row before reducing the first,
+    // and prefetching the weights into L1 before the exchange wait. T >= 256 came out 7-17%
+    // slower; taken out again, though that run's floors were also ~2% slower.)
+    if (token + static_cast<int>(gridDim.x) < p.tokens) load_row<D, VEC, VPT>(p, c, token + gridDim.x, xb);
     float2 next_partial = make_float2(0.f, 0.f);
     for (;;) {
       token = step(xa, xb, token, partial, 1, next_partial);

@@ -105,8 +105,9 @@ int pow2_ceil(int64_t v) {
 
 // The plan by token count, measured on 2x H200 (TP2, MiniMax-M2 rows of 448 16-byte vectors,
 // benchmarks/results/trace-*.json sweeps every plan at each T):
-// - decode (T up to half a token per SM): 8 warps per token, the fewest vectors per thread that
-//   cover the row (weights then stay in registers, loaded with the row);
+// - decode (under half a token per SM): as many warps per token as the row has 32-vector
+//   columns for (up to 16), one vector per thread or two (weights then stay in registers,
+//   loaded with the row);
 // - up to 4 tokens per SM: 8 warps and 4 vectors per thread (weights read after the exchange);
 // - prefill: the fewest warps that cover the row with 8 vectors per thread, many rows per block.
 // Never more warps than the row has 32-vector columns for.
@@ -121,7 +122,7 @@ Shape choose_shape(int64_t row_vecs, int64_t tokens, bool wide, int sms) {
   const int max_warps = kMaxBlockThreads / warp;
   const int useful = std::min(max_warps, pow2_ceil((row_vecs + warp - 1) / warp));
   const int64_t per_sm_x2 = 2 * tokens / std::max(1, sms);  // tokens per SM, times two
-  int warps = per_sm_x2 <= 8 ? std::min(useful, 8) : 1;
+  int warps = per_sm_x2 == 0 ? useful : (per_sm_x2 <= 8 ? std::min(useful, 8) : 1);
   const int min_vpt = per_sm_x2 >= 1 && per_sm_x2 <= 8 ? 4 : (per_sm_x2 > 8 ? kMaxVpt : 1);
   if (!wide) {
     while (warps < max_warps && static_cast<int64_t>(warps) * warp * kScalarVpt < row_vecs) warps *= 2;

@@ -82,8 +82,6 @@ __device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
 __device__ __forceinline__ uint64_t load_relaxed_gpu_u64(const void* p) {
   return __ldcg(static_cast<const unsigned long long*>(p));
 }
-// Ask for a line in L1 ahead of its use, without a register to land in.
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 __device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");

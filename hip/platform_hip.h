@@ -95,8 +95,6 @@ __device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
 __device__ __forceinline__ uint64_t load_relaxed_gpu_u64(const void* p) {
   return __hip_atomic_load(static_cast<const uint64_t*>(p), __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
 }
-// A hint only; CDNA has no L1 prefetch instruction that clang exposes, so this does nothing.
-__device__ __forceinline__ void prefetch_l1(const void*) {}
 __device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
   return __hip_atomic_load(p, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
 }
