@@ -59,7 +59,7 @@ import copy
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -126,7 +126,7 @@ class AnyOf(PatternExpr):
         return f"AnyOf(<{len(self.alternatives)} alternatives>{', name=' + repr(self.name) if self.name else ''})"
 
     def _match(self, node: Any, ctx: Any) -> Any:
-        saved = dict(ctx.pattern_to_node)
+        saved, exclusive = dict(ctx.pattern_to_node), list(getattr(ctx, "exclusive_node_set", ()))
         failure: Any = FailedMatch("AnyOf: no alternative matched")
         for alternative in self.alternatives:
             try:
@@ -139,6 +139,8 @@ class AnyOf(PatternExpr):
                 return m
             failure = m
             ctx.pattern_to_node = dict(saved)
+            if hasattr(ctx, "exclusive_node_set"):
+                ctx.exclusive_node_set = list(exclusive)
         return failure
 
     def find_anchor_nodes(self, ctx: Any, searched: Any) -> Iterator[Any]:
