@@ -108,6 +108,61 @@ def near_misses(x: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return tuple(outs)
 
 
+EPS_Q = 1e-5  # spellings(): the 3-D norm's eps
+EPS_2 = 1e-3  # spellings(): the second norm's eps
+
+
+def spellings(x3: torch.Tensor, w: torch.Tensor, qkv3: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor,
+              x2: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Spellings the pattern matcher must also fuse: 3-D inputs, ``rsqrt(..) * x`` and ``w * y``,
+    k's statistic first in the cat, the division after the split, the statistics taken back
+    by slices, and three norms with three eps (each fused node keeps its own)."""
+    world = dist.get_world_size()
+    xf = x3.float()
+    var = xf.pow(2).mean(-1, keepdim=True)
+    dist.all_reduce(var)
+    y = (w.float() * (torch.rsqrt(var / world + EPS_Q) * xf)).to(x3.dtype)
+    q, k = qkv3[..., :Q].float(), qkv3[..., Q:Q + KV].float()
+    stats = torch.cat([(k * k).sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)], dim=-1)
+    dist.all_reduce(stats)
+    k_var, q_var = stats[..., 0:1] / (KV * world), stats[..., 1:] / (Q * world)
+    q_out = (q * torch.rsqrt(q_var + EPS) * q_w).to(qkv3.dtype)
+    k_out = (torch.rsqrt(k_var + EPS) * k * k_w).to(qkv3.dtype)
+    xf2 = x2.float()
+    var2 = xf2.pow(2).sum(-1, keepdim=True)
+    dist.all_reduce(var2)
+    z = (xf2 * torch.rsqrt(var2 / (x2.shape[-1] * world) + EPS_2) * w2).to(x2.dtype)
+    return y, q_out, k_out, z
+
+
+def more_near_misses(x: torch.Tensor, w: torch.Tensor, qkv: torch.Tensor, q_w: torch.Tensor,
+                     k_w: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """More one-step-away forms; none may be fused."""
+    world = dist.get_world_size()
+    width = x.shape[-1] * world
+    xf = x.float()
+    outs = []
+    s = xf.pow(2).sum(-1, keepdim=True)
+    dist.all_reduce(s)
+    r = torch.rsqrt(s / width + EPS)
+    outs += [(xf * r * w.float()).to(x.dtype), r]  # an intermediate (rsqrt) is also an output
+    s = xf.pow(2).sum(-1, keepdim=True)
+    dist.all_reduce(s)
+    outs.append((xf * torch.rsqrt(torch.add(s / width, EPS, alpha=2.0)) * w.float()).to(x.dtype))  # add's alpha
+    s = xf.pow(2).sum(-1, keepdim=True)
+    dist.all_reduce(s, op=dist.ReduceOp.MAX)  # not a sum
+    outs.append((xf * torch.rsqrt(s / width + EPS) * w.float()).to(x.dtype))
+    # QK with another eps for k than for q: qk_norm has one eps
+    q, k, _ = qkv.split([Q, KV, KV], dim=-1)
+    qf, kf = q.float(), k.float()
+    stats = torch.cat([qf.pow(2).mean(-1, keepdim=True), kf.pow(2).mean(-1, keepdim=True)], dim=-1)
+    dist.all_reduce(stats)
+    q_var, k_var = (stats / world).chunk(2, dim=-1)
+    outs.append((qf * torch.rsqrt(q_var + EPS) * q_w).to(qkv.dtype))
+    outs.append((kf * torch.rsqrt(k_var + EPS_2) * k_w).to(qkv.dtype))
+    return tuple(outs)
+
+
 # ------------------------------------------------------------------------- helpers (in the ranks)
 def capture(fn: Callable[..., Any], *args: torch.Tensor) -> Tuple[torch.fx.GraphModule, Callable[..., Any]]:
     """Trace fn as Inductor would see it (dynamic token count); return its aten graph and a
@@ -250,6 +305,100 @@ def test_inductor_post_grad_pass_fuses_the_norms() -> None:
         assert r["restored"]
 
 
+def _spelling_args(i: Dict[str, torch.Tensor]) -> tuple:
+    tokens = i["x"].shape[0]
+    return (i["x"].view(2, tokens // 2, HIDDEN), i["w_norm"], i["qkv"].view(2, tokens // 2, Q + 2 * KV), i["q_w"],
+            i["k_w"], i["x32"].to(torch.float16), i["w_norm"].float())
+
+
+def _eps_of(gm: torch.fx.GraphModule) -> Dict[str, List[float]]:
+    """The eps argument of each fused node, by op."""
+    found: Dict[str, List[float]] = {}
+    for n in gm.graph.nodes:
+        if str(n.target) in FUSED:
+            eps = n.args[2] if n.target is torch.ops.allreduce_rms.rms_norm.default else n.args[5]
+            found.setdefault(str(n.target), []).append(float(eps))
+    return found
+
+
+def _pattern_matcher_worker(rank: int, world: int) -> Dict[str, Any]:
+    import allreduce_rms
+    from allreduce_rms.compile import FusionPass, fuse
+    from allreduce_rms.workspace import lookup
+    from torch._inductor.pattern_matcher import PatternMatcherPass
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ws = allreduce_rms.Workspace()
+    result: Dict[str, Any] = {}
+    with torch.no_grad():
+        # other spellings, 3-D inputs, one eps per norm
+        args = _spelling_args(_inputs(rank, 6))
+        gm, run = capture(spellings, *args)
+        before = run(*args)
+        result["spell_replaced"] = fuse(gm, ws)
+        result["spell_targets"] = targets(gm)
+        result["spell_eps"] = _eps_of(gm)
+        fresh = _spelling_args(_inputs(rank, 10))
+        result["spell_err"] = max(max_rel_err(run(*args), before), max_rel_err(run(*fresh), spellings(*fresh)))
+
+        # more near misses, through Dynamo (functional collectives) and make_fx (c10d.allreduce_)
+        i = _inputs(rank, 6)
+        miss_args = (i["x"], i["w_norm"], i["qkv"], i["q_w"], i["k_w"])
+        gm, run = capture(more_near_misses, *miss_args)
+        code, before = gm.code, run(*miss_args)
+        result["miss_replaced"] = fuse(gm, ws)
+        result["miss_unchanged"] = gm.code == code
+        result["miss_err"] = max_rel_err(run(*miss_args), before)
+        gm = make_fx(near_misses, tracing_mode="fake")(i["x"], i["w_norm"])
+        code = gm.code
+        result["miss_make_fx_replaced"] = fuse(gm, ws)
+        result["miss_make_fx_unchanged"] = gm.code == code
+
+        # a one-rank group inside the two-rank world: world size 1 in the divisor, its own workspace
+        groups = [dist.new_group([r]) for r in range(world)]
+        mine = groups[rank]
+
+        def rms_one_rank(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            xf = x.float()
+            var = xf.pow(2).sum(-1, keepdim=True)
+            dist.all_reduce(var, group=mine)
+            return (xf * torch.rsqrt(var / x.shape[-1] + EPS) * w.float()).to(x.dtype)
+
+        gm, run = capture(rms_one_rank, i["x"], i["w_norm"])
+        result["one_replaced"] = fuse(gm, ws)  # ws is the world's: the pass takes workspace_for(mine)
+        fused = [n for n in gm.graph.nodes if str(n.target) in FUSED]
+        result["one_world"] = [lookup(n.args[3]).world_size for n in fused]
+        result["one_err"] = max_rel_err((run(i["x"], i["w_norm"]),), (rms_one_rank(i["x"], i["w_norm"]),))
+
+        # the PatternMatcherPass itself, as another pass manager would run it on a graph
+        fusion = FusionPass(ws)
+        args = _block_args(i)
+        gm, run = capture(attention_block, *args)
+        result["pm_is_pass"] = isinstance(fusion.patterns, PatternMatcherPass)
+        result["pm_replaced"] = fusion.patterns.apply(gm.graph)
+        gm.recompile()
+        result["pm_counted"] = fusion.replaced
+        result["pm_targets"] = targets(gm)
+        result["pm_err"] = max_rel_err(run(*args), attention_block(*args))
+    return result
+
+
+def test_pattern_matcher_spellings_near_misses_one_rank_groups() -> None:
+    for r in run_ranks(_pattern_matcher_worker, 2):
+        assert r["spell_replaced"] == 3, r  # rms_norm on 3-D x, qk_norm on 3-D qkv, rms_norm with EPS_2
+        assert sorted(r["spell_eps"]["allreduce_rms.rms_norm.default"]) == [EPS_Q, EPS_2]
+        assert r["spell_eps"]["allreduce_rms.qk_norm.default"] == [EPS]
+        assert not COLLECTIVES & set(r["spell_targets"])
+        assert r["spell_err"] <= 1e-2  # bf16/fp16 outputs, fp32 math either way
+        assert r["miss_replaced"] == 0 and r["miss_unchanged"] and r["miss_err"] == 0.0
+        assert r["miss_make_fx_replaced"] == 0 and r["miss_make_fx_unchanged"]
+        assert r["one_replaced"] == 1 and r["one_world"] == [1]
+        assert r["one_err"] <= 1e-2
+        assert r["pm_is_pass"] and r["pm_replaced"] == 2 and r["pm_counted"] == 2
+        assert r["pm_targets"].count("allreduce_rms.qk_norm.default") == 1 and not COLLECTIVES & set(r["pm_targets"])
+        assert r["pm_err"] <= 1e-2
+
+
 # ------------------------------------------------------------------------- one process
 def test_install_keeps_other_passes_and_disables_graph_cache() -> None:
     from torch._inductor import config
@@ -281,3 +430,25 @@ def test_graph_without_collectives_is_untouched() -> None:
     gm = make_fx(local_rms, tracing_mode="fake")(torch.randn(4, 8, dtype=torch.bfloat16), torch.ones(8))
     code = gm.code
     assert fuse(gm) == 0 and gm.code == code
+
+
+def test_any_of_tries_alternatives_and_leaves_no_binding_behind() -> None:
+    from torch._inductor.pattern_matcher import CallFunction, KeywordArg
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from allreduce_rms.compile import AnyOf
+
+    aten = torch.ops.aten
+
+    def f(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(a + 1.0) * b
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(3), torch.randn(3))
+    out = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor][0]
+    x = KeywordArg("x")
+    scaled = CallFunction(aten.rsqrt.default, CallFunction(aten.add.Tensor, KeywordArg("s"), 1.0))
+    # the first alternative binds x to the rsqrt node, then fails on b: that binding must go
+    either = AnyOf(CallFunction(aten.mul.Tensor, x, scaled), CallFunction(aten.mul.Tensor, scaled, x), name="prod")
+    m = either.match(out)
+    assert m and m.kwargs["x"].name == "b_1" and m.kwargs["s"].name == "a_1" and m.kwargs["prod"] is out
+    assert not AnyOf(CallFunction(aten.mul.Tensor, x, x)).match(out)

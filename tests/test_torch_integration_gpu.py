@@ -134,3 +134,40 @@ def test_fusion_pass_compiles_and_replays_in_cuda_graph() -> None:
     for r in run_ranks(_fusion_worker, 2, backend="nccl"):
         assert r["replaced"] == 2, r
         assert r["max_error"] <= BF16_TOLERANCE, r
+
+
+def _spellings_worker(rank: int, world: int) -> Dict[str, Any]:
+    """The pattern matcher's other spellings (3-D inputs, product orders, k's statistic first,
+    division after the split, per-norm eps) through Inductor on GPUs, replayed in a CUDA graph."""
+    import allreduce_rms
+    from allreduce_rms.compile import inductor_pass
+
+    from test_fusion import _inputs, _spelling_args, spellings
+
+    device = torch.device("cuda", rank)
+    ws = allreduce_rms.Workspace(device=device)
+
+    def inputs(seed: int) -> tuple:
+        return tuple(t.to(device) for t in _spelling_args(_inputs(rank + 10 * seed, TOKENS)))
+
+    compiled = torch.compile(spellings, fullgraph=True)
+    static = inputs(1)
+    with inductor_pass(ws) as fusion:
+        graph, outputs = _capture(compiled, static)
+    errors: List[float] = []
+    for seed in (2, 3):
+        fresh = inputs(seed)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        expected = spellings(*fresh)  # eager, unfused, NCCL all-reduce
+        errors += [_rel_err(o, e) for o, e in zip(outputs, expected)]
+    ws.synchronize()
+    return {"path": ws.path, "replaced": fusion.replaced, "max_error": max(errors)}
+
+
+def test_fusion_pass_spellings_compile_and_replay_in_cuda_graph() -> None:
+    for r in run_ranks(_spellings_worker, 2, backend="nccl"):
+        assert r["replaced"] == 3, r  # rms_norm (3-D), qk_norm (3-D, k first), rms_norm (fp16, own eps)
+        assert r["max_error"] <= BF16_TOLERANCE, r
