@@ -13,8 +13,8 @@ Debug mode (``ALLREDUCE_RMS_DEBUG=1``, read at each call on a multi-rank workspa
 :func:`set_debug`): before communicating, the ranks all-gather what they were asked to do (op,
 token count, widths) and every rank raises RuntimeError naming the rank(s) whose call differs,
 instead of exchanging mismatched statistics or waiting in a collective forever. It costs one
-extra collective per call, a host-side one (all_gather_object): leave it off while capturing
-CUDA graphs.
+extra collective per call (a small int64 all_gather whose result the host reads, so it
+synchronizes with the device): leave it off while capturing CUDA graphs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from . import _native, fallback
 from . import workspace as _workspace
+from ._collectives import all_gather_ints
 from .workspace import Workspace, WorkspaceError
 
 _DTYPES = _native.DTYPE_CODES
@@ -304,8 +305,10 @@ def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[in
     The expected call is the one most ranks made (ties go to the lowest rank), so with one
     stray rank among several, that rank is the one named.
     """
-    calls: List[Optional[Tuple[int, int, Tuple[int, ...]]]] = [None] * ws.world_size
-    dist.all_gather_object(calls, (op, tokens, widths), group=ws.group)
+    # one fixed-size int64 all_gather: (op, tokens, number of widths, widths padded to two)
+    padded = list(widths) + [0] * (2 - len(widths))
+    gathered = all_gather_ints([op, tokens, len(widths), *padded], ws.group, ws.device)
+    calls = [(g[0], g[1], tuple(g[3:3 + g[2]])) for g in gathered]
     if all(c == calls[0] for c in calls):
         return
     expected = max(calls, key=lambda c: (calls.count(c), -calls.index(c)))
