@@ -193,6 +193,16 @@ class Workspace:
 
     Creating one is collective over ``group``. Use as a context manager, or call :meth:`close`
     on every rank. :func:`workspace_for` returns one cached workspace per group.
+
+    Raises:
+        TypeError: an argument of the wrong kind: group not a ProcessGroup, max_tokens or
+            timeout_ms not an int (a bool or float is not), path not a str, device not a
+            torch.device/str/int.
+        ValueError: a wrong value: max_tokens or timeout_ms < 1, an unknown path or device, a
+            bad ``ALLREDUCE_RMS_PATH`` / ``ALLREDUCE_RMS_TIMEOUT_MS``, this process not in the
+            group; and, on every rank alike, creation arguments that differ across ranks or
+            forced paths that conflict (the message names the rank).
+        WorkspaceError: the fused path was forced but cannot work (the message says why).
     """
 
     def __init__(
@@ -206,12 +216,23 @@ class Workspace:
         chunking: bool = True,
     ) -> None:
         global _counter
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise TypeError(f"max_tokens must be a positive int, got {type(max_tokens).__name__} {max_tokens!r}")
+        if max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if path is not None and not isinstance(path, str):
+            raise TypeError(f"path must be one of {PATHS} or None, got {type(path).__name__} {path!r}")
         if path is not None and path not in PATHS:
             raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+        if timeout_ms is not None and (not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool)):
+            raise TypeError(f"timeout_ms must be a positive int (milliseconds), got {type(timeout_ms).__name__} "
+                            f"{timeout_ms!r}")
+        if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)) \
+                and group is not getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None):
+            # (dist.new_group hands non-members a placeholder, answered below with a ValueError)
+            raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
         requested = path if path is not None else _env_path()
-        self.timeout_ms = int(timeout_ms) if timeout_ms is not None else _env_timeout_ms()
+        self.timeout_ms = timeout_ms if timeout_ms is not None else _env_timeout_ms()
         if self.timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {self.timeout_ms}")
 
@@ -460,11 +481,19 @@ class Workspace:
 
 
 def _resolve_device(device: Optional[torch.device | str | int]) -> torch.device:
+    """The device a workspace serves: TypeError for a device of another kind, ValueError for a
+    string or index torch does not accept."""
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-    dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device: expected a torch.device, a str, an int (a CUDA index) or None, got "
+                        f"{type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    except RuntimeError as exc:  # an unknown device string, a negative index
+        raise ValueError(f"device: {exc}") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
