@@ -14,6 +14,10 @@ function(arms_export_only_backend_api target)
 endfunction()
 
 set(ARMS_BUILT_BACKENDS "")
+# What the build did with each backend, in words: the front module reports it through
+# allreduce_rms.backends(), so a user learns which build option or missing toolchain is the cause.
+set(ARMS_CUDA_BUILD_NOTE "not built: configured with ALLREDUCE_RMS_CUDA=OFF")
+set(ARMS_HIP_BUILD_NOTE "not built: configured with ALLREDUCE_RMS_HIP=OFF")
 
 # CUDA: nvcc compiles cpp/ as is.
 if(NOT ALLREDUCE_RMS_CUDA STREQUAL "OFF")
@@ -21,10 +25,13 @@ if(NOT ALLREDUCE_RMS_CUDA STREQUAL "OFF")
   if(CMAKE_CUDA_COMPILER)
     include(CudaBackend)
     list(APPEND ARMS_BUILT_BACKENDS cuda)
+    string(REPLACE ";" "," archs "${ALLREDUCE_RMS_CUDA_ARCHS}")
+    set(ARMS_CUDA_BUILD_NOTE "built with nvcc ${CMAKE_CUDA_COMPILER_VERSION} for architectures ${archs}")
   elseif(ALLREDUCE_RMS_CUDA STREQUAL "ON")
     message(FATAL_ERROR "ALLREDUCE_RMS_CUDA=ON but no CUDA compiler was found: put nvcc on PATH or set CUDACXX")
   else()
     message(STATUS "allreduce_rms: no nvcc found, skipping the CUDA backend")
+    set(ARMS_CUDA_BUILD_NOTE "not built: no CUDA toolchain (nvcc) found at build time (ALLREDUCE_RMS_CUDA=AUTO)")
   endif()
 endif()
 
@@ -34,13 +41,18 @@ if(NOT ALLREDUCE_RMS_HIP STREQUAL "OFF")
   if(CMAKE_HIP_COMPILER)
     include(HipBackend)
     list(APPEND ARMS_BUILT_BACKENDS hip)
+    string(REPLACE ";" "," archs "${ALLREDUCE_RMS_HIP_ARCHS}")
+    set(ARMS_HIP_BUILD_NOTE "built with ${CMAKE_HIP_COMPILER_ID} ${CMAKE_HIP_COMPILER_VERSION} for architectures ${archs}")
   elseif(ALLREDUCE_RMS_HIP STREQUAL "ON")
     message(FATAL_ERROR "ALLREDUCE_RMS_HIP=ON but no HIP compiler was found: install ROCm (hipcc) or set "
                         "CMAKE_HIP_COMPILER")
   else()
     message(STATUS "allreduce_rms: no HIP compiler found, skipping the HIP backend")
+    set(ARMS_HIP_BUILD_NOTE "not built: no HIP toolchain (ROCm hipcc/clang) found at build time (ALLREDUCE_RMS_HIP=AUTO)")
   endif()
 endif()
+target_compile_definitions(_front PRIVATE "ARMS_CUDA_BUILD_NOTE=\"${ARMS_CUDA_BUILD_NOTE}\""
+                                          "ARMS_HIP_BUILD_NOTE=\"${ARMS_HIP_BUILD_NOTE}\"")
 
 if(ARMS_BUILT_BACKENDS STREQUAL "")
   message(STATUS "allreduce_rms: no GPU backend; the package will use its pure-torch fallback only")

@@ -23,6 +23,15 @@
 
 namespace nb = nanobind;
 
+// What the build did with each backend, in words (set by cmake/Backends.cmake): reported by
+// allreduce_rms.backends() so that "not built" names its cause (a build option or no toolchain).
+#ifndef ARMS_CUDA_BUILD_NOTE
+#define ARMS_CUDA_BUILD_NOTE "unknown: the front module was built outside the package's CMake"
+#endif
+#ifndef ARMS_HIP_BUILD_NOTE
+#define ARMS_HIP_BUILD_NOTE "unknown: the front module was built outside the package's CMake"
+#endif
+
 namespace {
 
 constexpr int kDLCPU = 1;
@@ -297,7 +306,10 @@ nb::dict backend_status(int device_type) {
   d["error"] = slot.error;
   if (slot.api) {
     int count = 0;
-    d["devices"] = slot.api->device_count(&count) == ARMS_OK ? count : 0;
+    const bool counted = slot.api->device_count(&count) == ARMS_OK;
+    d["devices"] = counted ? count : 0;
+    // why the runtime found no device (no driver, a driver too old, none visible), or ""
+    d["device_error"] = counted ? std::string() : std::string(slot.api->last_error());
     d["warp_size"] = slot.api->warp_size();
     d["name"] = slot.api->name;
   }
@@ -332,7 +344,12 @@ NB_MODULE(_front, m) {
 
   m.def("load_backend", &load_backend, nb::arg("device_type"), nb::arg("path"),
         "Load the backend library for a DLPack device type; returns '' or why it failed.");
-  m.def("backend_status", &backend_status, nb::arg("device_type"));
+  m.def("backend_status", &backend_status, nb::arg("device_type"),
+        "loaded, error, and for a loaded backend devices, device_error (why 0), warp_size, name.");
+  nb::dict build_notes;
+  build_notes["cuda"] = ARMS_CUDA_BUILD_NOTE;
+  build_notes["hip"] = ARMS_HIP_BUILD_NOTE;
+  m.attr("BUILD_NOTES") = build_notes;
   m.def("backend_resources", &backend_resources, nb::arg("device_type"),
         "Live workspaces, open peer IPC mappings and workspace device bytes, over the whole process.");
   m.def("launch_local", &launch_local, "Local launch (no communication) with raw pointers.");

@@ -735,14 +735,6 @@ def test_bench_collectives_use_tensors_only():
         assert rows == [("unfused_eager", None, True), ("roofline", None, True)] * 2
 
 
-def test_text_encoding_is_fixed_size_and_cuts_at_a_character():
-    t = bench.encode_text("héllo")
-    assert t.dtype.is_floating_point is False and t.numel() == bench.TEXT_BYTES
-    assert bench.decode_text(t) == "héllo"
-    long = bench.decode_text(bench.encode_text("é" * 1000, size=64))
-    assert long.endswith("...") and len(long.encode()) <= 64 and set(long[:-3]) == {"é"}
-
-
 def test_percentiles_match_linear_interpolation():
     assert bench.percentile([5, 1, 4, 2, 3], 20) == pytest.approx(1.8)
     assert bench.percentile([5, 1, 4, 2, 3], 80) == pytest.approx(4.2)

@@ -141,7 +141,7 @@ def test_module_constructor_and_from_full_weight_errors() -> None:
         TPRMSNorm.from_full_weight(torch.ones(8), 1, 2)
     with pytest.raises(ValueError, match="size must be a positive int"):
         TPRMSNorm(0)
-    with pytest.raises(ValueError, match="group"):
+    with pytest.raises(TypeError, match="group"):  # the wrong kind of argument: TypeError
         TPQKNorm(8, 4, group="tp")  # type: ignore[arg-type]
 
 

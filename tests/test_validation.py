@@ -1,18 +1,21 @@
-"""Argument validation (issue 7): every bad argument raises the documented exception, and the
-message names the argument. Single-process checks first; then one 2-rank gloo run for what needs
+"""Argument validation (issues 7 and 12): every bad argument raises the documented exception, and
+the message names the argument. As in Python and torch, an argument of the wrong kind (not a
+tensor, not a number, not an int, not a Workspace) raises TypeError; one of the right kind with a
+wrong value (dtype, shape, device, stride, range) raises ValueError. Single-process checks first; then one 2-rank gloo run for what needs
 a group: debug mode, closed workspaces, creation arguments that differ across ranks.
 """
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any, Dict
 
 import pytest
 import torch
 
 import allreduce_rms
-from allreduce_rms import Workspace, WorkspaceError, qk_norm, rms_norm
+from allreduce_rms import TPQKNorm, TPRMSNorm, Workspace, WorkspaceError, custom_ops, qk_norm, rms_norm
 from allreduce_rms.launch import run_ranks
 
 W = 16
@@ -51,9 +54,12 @@ def test_bad_dtypes(dtype):
 
 
 def test_not_a_tensor():
-    raises(ValueError, "x", rms_norm, [[1.0] * W], w_())
-    raises(ValueError, "weight", rms_norm, x_(), [1.0] * W)
-    raises(ValueError, "qkv", qk_norm, None, w_(Q), w_(KV), Q, KV)
+    raises(TypeError, "x", rms_norm, [[1.0] * W], w_())
+    raises(TypeError, "weight", rms_norm, x_(), [1.0] * W)
+    raises(TypeError, "qkv", qk_norm, None, w_(Q), w_(KV), Q, KV)
+    raises(TypeError, "q_weight", qk_norm, qkv_(), (1.0,) * Q, w_(KV), Q, KV)
+    raises(TypeError, "k_weight", qk_norm, qkv_(), w_(Q), 1.0, Q, KV)
+    raises(TypeError, "out", rms_norm, x_(), w_(), out=[0.0] * W)
 
 
 def test_mixed_devices():
@@ -81,10 +87,16 @@ def test_qkv_width_must_be_q_plus_two_kv():
     raises(ValueError, "qkv", qk_norm, torch.randn(4, Q + 2 * KV + 1), w_(Q), w_(KV), Q, KV)
 
 
-@pytest.mark.parametrize("bad", [0, -8, True, False, 16.0, "16", None])
-def test_sizes_must_be_positive_ints(bad):
+@pytest.mark.parametrize("bad", [0, -8])
+def test_sizes_must_be_positive(bad):
     raises(ValueError, "q_size", qk_norm, qkv_(), w_(Q), w_(KV), bad, KV)
     raises(ValueError, "kv_size", qk_norm, qkv_(), w_(Q), w_(KV), Q, bad)
+
+
+@pytest.mark.parametrize("bad", [True, False, 16.0, "16", None, torch.tensor(16.0)], ids=repr)
+def test_sizes_must_be_ints(bad):
+    raises(TypeError, "q_size", qk_norm, qkv_(), w_(Q), w_(KV), bad, KV)
+    raises(TypeError, "kv_size", qk_norm, qkv_(), w_(Q), w_(KV), Q, bad)
 
 
 def test_sizes_accept_integer_like_values():
@@ -123,10 +135,24 @@ def test_out_shape_and_dtype():
     raises(ValueError, "out", rms_norm, x_(), w_(), out=torch.empty(4, W, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("eps", [-1e-6, float("nan"), float("inf"), "1e-6", None, True])
-def test_bad_eps(eps):
+@pytest.mark.parametrize("eps", [-1e-6, float("nan"), float("inf"), -1])
+def test_bad_eps_values(eps):
     raises(ValueError, "eps", rms_norm, x_(), w_(), eps)
     raises(ValueError, "eps", qk_norm, qkv_(), w_(Q), w_(KV), Q, KV, eps)
+
+
+@pytest.mark.parametrize("eps", ["1e-6", b"1e-6", None, True, 1e-6j, [1e-6]], ids=repr)
+def test_eps_of_the_wrong_type(eps):
+    raises(TypeError, "eps", rms_norm, x_(), w_(), eps)
+    raises(TypeError, "eps", qk_norm, qkv_(), w_(Q), w_(KV), Q, KV, eps)
+
+
+def test_eps_accepts_real_numbers():
+    x, w = x_(), w_()
+    ref = rms_norm(x, w, 0.5)
+    for eps in (Fraction(1, 2), torch.tensor(0.5)):
+        assert torch.equal(rms_norm(x, w, eps), ref)
+    assert torch.equal(rms_norm(x, w, 0), rms_norm(x, w, 0.0))
 
 
 def test_eps_zero_is_allowed():
@@ -136,8 +162,15 @@ def test_eps_zero_is_allowed():
 # ------------------------------------------------------------------ workspaces (one rank)
 @pytest.mark.parametrize("bad", ["ws1", object(), 1, torch.empty(0)], ids=lambda b: type(b).__name__)
 def test_workspace_of_the_wrong_type(bad):
-    raises(ValueError, "workspace", rms_norm, x_(), w_(), 1e-6, bad)
-    raises(ValueError, "workspace", qk_norm, qkv_(), w_(Q), w_(KV), Q, KV, 1e-6, bad)
+    raises(TypeError, "workspace", rms_norm, x_(), w_(), 1e-6, bad)
+    raises(TypeError, "workspace", qk_norm, qkv_(), w_(Q), w_(KV), Q, KV, 1e-6, bad)
+    raises(TypeError, "workspace", custom_ops.traced_rms_norm, x_(), w_(), 1e-6, bad)
+    raises(TypeError, "workspace", custom_ops.traced_qk_norm, qkv_(), w_(Q), w_(KV), Q, KV, 1e-6, bad)
+
+
+def test_traced_forms_check_eps_like_the_eager_ones():
+    raises(TypeError, "eps", custom_ops.traced_rms_norm, x_(), w_(), "1e-6")
+    raises(ValueError, "eps", custom_ops.traced_qk_norm, qkv_(), w_(Q), w_(KV), Q, KV, -1.0)
 
 
 def test_workspace_used_after_close():
@@ -162,11 +195,33 @@ def test_max_tokens_without_chunking():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"),
-    ({"path": "nccl"}, "path"), ({"timeout_ms": 0}, "timeout_ms"),
+    ({"max_tokens": 0}, "max_tokens"), ({"path": "nccl"}, "path"), ({"timeout_ms": 0}, "timeout_ms"),
+    ({"timeout_ms": -5}, "timeout_ms"), ({"device": "gpu"}, "device"),
 ])
-def test_bad_workspace_arguments(kwargs, name):
+def test_bad_workspace_values(kwargs, name):
     raises(ValueError, name, Workspace, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"), ({"max_tokens": "64"}, "max_tokens"),
+    ({"path": 1}, "path"), ({"timeout_ms": 1.5}, "timeout_ms"), ({"timeout_ms": "100"}, "timeout_ms"),
+    ({"group": "tp"}, "group"), ({"group": 0}, "group"), ({"device": 1.0}, "device"), ({"device": True}, "device"),
+])
+def test_workspace_arguments_of_the_wrong_type(kwargs, name):
+    raises(TypeError, name, Workspace, **kwargs)
+
+
+def test_module_arguments():
+    raises(TypeError, "size", TPRMSNorm, 8.0)
+    raises(ValueError, "size", TPRMSNorm, -1)
+    raises(TypeError, "eps", TPRMSNorm, 8, "1e-6")
+    raises(ValueError, "eps", TPRMSNorm, 8, -1e-6)
+    raises(TypeError, "kv_size", TPQKNorm, 8, None)
+    raises(TypeError, "eps", TPQKNorm, 8, 4, None)
+    raises(TypeError, "weight", TPRMSNorm.from_full_weight, [1.0] * 8, 0, 1)
+    raises(TypeError, "rank", TPRMSNorm.from_full_weight, torch.ones(8), 0.0, 1)
+    raises(TypeError, "world_size", TPQKNorm.from_full_weight, torch.ones(8), torch.ones(4), 0, "1")
+    raises(ValueError, "rank", TPRMSNorm.from_full_weight, torch.ones(8), 1, 1)
 
 
 def test_bad_workspace_environment(monkeypatch):

@@ -7,6 +7,9 @@ Quick start (one process per GPU, torch.distributed initialized)::
     q, k = allreduce_rms.qk_norm(qkv, q_w, k_w, q_size, kv_size, eps=1e-6, workspace=ws)
 """
 
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from ._native import backends
 from .workspace import Workspace, WorkspaceError, workspace_for
 from . import custom_ops  # registers torch.ops.allreduce_rms.*
@@ -15,4 +18,7 @@ from .modules import TPQKNorm, TPRMSNorm
 
 __all__ = ["TPQKNorm", "TPRMSNorm", "Workspace", "WorkspaceError", "backends", "custom_ops", "qk_norm", "rms_norm",
            "workspace_for"]
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _distribution_version("allreduce-rms")
+except _PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"

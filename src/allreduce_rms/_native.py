@@ -61,7 +61,7 @@ def load(name: str) -> Optional[str]:
             return _load_errors[name] or None
         path = os.path.join(_PACKAGE_DIR, _BACKEND_FILES[name])
         if not os.path.exists(path):
-            error = f"{_BACKEND_FILES[name]} was not built (no {name.upper()} toolchain at build time)"
+            error = _missing_library_reason(name)
         else:
             error = _front.load_backend(_DL_CODES[name], path)
         _load_errors[name] = error
@@ -80,22 +80,64 @@ def gpu_kernels_available() -> bool:
     return torch.cuda.is_available() and load(device_backend_name()) is None
 
 
-def backends() -> List[Dict[str, Any]]:
-    """Report every backend: whether it was built, whether it loads, and why not.
+# Why a loaded backend may count no device, beyond the runtime's own words.
+_NO_DEVICE_HINTS = {
+    "cuda": "no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides every GPU",
+    "hip": "no AMD GPU driver (amdgpu/ROCm), or HIP_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES hides every GPU",
+}
 
-    Returns a list of dicts with keys ``name``, ``built``, ``loaded``, ``devices`` and
-    ``error`` (an empty string when loaded).
+
+def build_note(name: str) -> str:
+    """What the build did with backend `name`, in words: "built with ..." or "not built: <cause>"
+    (the build option that turned it off, or the toolchain that was missing)."""
+    notes = getattr(_front, "BUILD_NOTES", None) if _front is not None else None
+    if not notes:
+        return _FRONT_ERROR or "unknown (a front module without build notes)"
+    return str(notes.get(name, "unknown"))
+
+
+def _missing_library_reason(name: str) -> str:
+    note = build_note(name)
+    if note.startswith("built"):  # the build made it, but it is not beside the front module
+        return f"{_BACKEND_FILES[name]} is missing from the installed package (the build reported: {note})"
+    return f"{_BACKEND_FILES[name]} {note}"
+
+
+def backends() -> List[Dict[str, Any]]:
+    """Report every backend: whether it was built, whether it loads, how many devices it sees,
+    and, whenever it cannot serve a GPU, why.
+
+    Returns:
+        One dict per backend ("cuda", then "hip") with keys
+
+        * ``name``: "cuda" or "hip";
+        * ``built`` (bool): its library is in the package; ``build``: what the build did, in
+          words (e.g. "not built: configured with ALLREDUCE_RMS_CUDA=OFF", "not built: no CUDA
+          toolchain (nvcc) found at build time ...", "built with nvcc 13.0 for architectures ...");
+        * ``loaded`` (bool), ``error``: why it did not load ("" when loaded);
+        * ``devices`` (int): GPUs the backend's runtime sees;
+        * ``reason``: "" when the backend is loaded and sees at least one device, else why not
+          (the build cause, the load error, or "loaded, but 0 devices: ..." with the runtime's
+          words and the usual causes);
+        * ``warp_size`` (int), only when loaded.
+
+    Never raises; needs no GPU. Loading a built backend is attempted (once per process).
     """
     report = []
     for name, filename in _BACKEND_FILES.items():
         built = os.path.exists(os.path.join(_PACKAGE_DIR, filename))
-        entry: Dict[str, Any] = {"name": name, "built": built, "loaded": False, "devices": 0, "error": ""}
+        entry: Dict[str, Any] = {"name": name, "built": built, "build": build_note(name), "loaded": False,
+                                 "devices": 0, "error": "", "reason": ""}
         error = load(name)
         if error is None:
             status = _front.backend_status(_DL_CODES[name])
-            entry.update(loaded=True, devices=status.get("devices", 0), warp_size=status.get("warp_size"))
+            devices = int(status.get("devices", 0))
+            entry.update(loaded=True, devices=devices, warp_size=status.get("warp_size"))
+            if devices == 0:
+                said = str(status.get("device_error", "") or "")
+                entry["reason"] = f"loaded, but 0 devices: {said + '; ' if said else ''}{_NO_DEVICE_HINTS[name]}"
         else:
-            entry["error"] = error
+            entry["error"] = entry["reason"] = error
         report.append(entry)
     return report
 

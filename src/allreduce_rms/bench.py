@@ -72,6 +72,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ._collectives import all_gather_strings, tensor_device
+
 METHODS = ("fused", "fallback", "unfused_eager", "unfused_compiled", "symm_mem_oneshot", "roofline")
 BASELINES = ("fallback", "unfused_eager", "unfused_compiled", "symm_mem_oneshot")
 CPU_METHODS = ("fallback", "unfused_eager", "roofline")  # what a CPU (gloo) run can measure
@@ -79,7 +81,6 @@ CPU_METHODS = ("fallback", "unfused_eager", "roofline")  # what a CPU (gloo) run
 # exist on GPUs only; torch.compile for CPU needs a C++ compiler and minutes on a small machine).
 CPU_SKIP_REASONS = {m: "timed on GPUs only (this is a CPU run)" for m in ("fused", "unfused_compiled", "symm_mem_oneshot")}
 PERCENTILES = (20, 80)  # the spread reported beside every median
-TEXT_BYTES = 1024       # room for one rank's error text in the fixed-size text all-gather
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative norm error ||out - ref|| / ||ref|| against the float64 reference.
@@ -209,28 +210,6 @@ def _error_text(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- the rank context
-def _collective_device(device: torch.device) -> torch.device:
-    """Where the benchmark's own collective tensors live: on the GPU for nccl, on the CPU for
-    gloo (or without an initialized group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def encode_text(text: str, size: int = TEXT_BYTES) -> torch.Tensor:
-    """`text` as a uint8 tensor of exactly `size` bytes: UTF-8, zero-padded, cut at a character
-    boundary when too long (the last three bytes then read '...')."""
-    data = text.encode("utf-8")
-    if len(data) > size:
-        data = data[: size - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
-    return torch.tensor(list(data) + [0] * (size - len(data)), dtype=torch.uint8)
-
-
-def decode_text(t: torch.Tensor) -> str:
-    """Inverse of :func:`encode_text`."""
-    data = bytes(t.cpu().tolist())
-    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
-
 
 ProgressFn = Callable[[str, Any], None]
 
@@ -243,7 +222,8 @@ class _Rank:
         self.rank, self.world, self.device, self.cfg = rank, world, device, cfg
         self.cuda = device.type == "cuda"
         self.progress = progress if rank == 0 else None
-        self.coll_device = _collective_device(device)
+        # where the benchmark's own collective tensors live: the GPU for nccl, the CPU for gloo
+        self.coll_device = tensor_device(None, device) if world > 1 else torch.device("cpu")
         self._flag = torch.zeros(1, device=self.coll_device)
 
     def device_sync(self) -> None:
@@ -269,13 +249,10 @@ class _Rank:
         return t.tolist()
 
     def gather_text(self, text: str) -> List[str]:
-        """Every rank's `text` (up to TEXT_BYTES bytes of UTF-8 each), indexed by rank (collective)."""
+        """Every rank's `text`, indexed by rank (collective; tensors only, no numpy)."""
         if self.world == 1:
             return [text]
-        mine = encode_text(text).to(self.coll_device)
-        out = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(out, mine)
-        return [decode_text(t) for t in out]
+        return all_gather_strings(text, None, self.coll_device)
 
     def agree_error(self, error: Optional[str]) -> Optional[str]:
         """Every rank learns whether any rank failed; the text names the failing ranks."""

@@ -461,7 +461,7 @@ def _op_accepts(target: Any, args: Sequence[Any]) -> bool:
     try:
         with mode:
             target(*vals)
-    except ValueError:  # the op's own checks reject these inputs: keep the unfused form
+    except (TypeError, ValueError):  # the op's own checks reject these inputs: keep the unfused form
         return False
     return True
 

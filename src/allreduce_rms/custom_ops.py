@@ -56,6 +56,8 @@ def _check_qk(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
     """The checks of ops.qk_norm that can run on fake tensors (same messages as eager)."""
     ops._check_tensor("qkv", qkv)
     for name, value in (("q_size", q_size), ("kv_size", kv_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
         if isinstance(value, int) and value <= 0:  # (a SymInt size is checked when it runs)
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if qkv.shape[-1] != q_size + 2 * kv_size:
@@ -109,7 +111,7 @@ def _key(workspace: Optional[Workspace]) -> str:
     if workspace is None:
         return ""
     if not isinstance(workspace, Workspace):
-        raise ValueError(f"workspace: expected an allreduce_rms.Workspace, got {type(workspace).__name__}")
+        raise TypeError(f"workspace: expected an allreduce_rms.Workspace or None, got {type(workspace).__name__}")
     return workspace.key
 
 
@@ -125,7 +127,7 @@ def traced_rms_norm(
 
     Same arguments, result and errors as the eager function; ``out`` is filled by a copy.
     """
-    y = torch.ops.allreduce_rms.rms_norm(x, weight, float(eps), _key(workspace))
+    y = torch.ops.allreduce_rms.rms_norm(x, weight, ops.check_eps(eps), _key(workspace))
     if out is None:
         return y
     out.copy_(y)
@@ -150,8 +152,8 @@ def traced_qk_norm(
     """
     key = _key(workspace)
     if not inplace:
-        return torch.ops.allreduce_rms.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, float(eps), key)
-    torch.ops.allreduce_rms.qk_norm_(qkv, q_weight, k_weight, q_size, kv_size, float(eps), key)
+        return torch.ops.allreduce_rms.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
+    torch.ops.allreduce_rms.qk_norm_(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
     return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size]
 
 

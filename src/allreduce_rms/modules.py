@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import custom_ops
+from .ops import check_eps
 from .workspace import Workspace, workspace_for
 
 __all__ = ["TPQKNorm", "TPRMSNorm"]
@@ -31,17 +32,19 @@ def _resolve_workspace(group: GroupOrWorkspace, device: Optional[Union[torch.dev
     """The workspace to use: `group` itself when it is one, else the cached one of the group."""
     if isinstance(group, Workspace):
         return group
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"group: expected a torch.distributed.ProcessGroup, an allreduce_rms.Workspace or None, "
+    non_member = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None)  # Workspace explains it
+    if group is not None and not isinstance(group, dist.ProcessGroup) and group is not non_member:
+        raise TypeError(f"group: expected a torch.distributed.ProcessGroup, an allreduce_rms.Workspace or None, "
                          f"got {type(group).__name__}")
     return workspace_for(group, device=device)
 
 
 def _shard(name: str, full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank `rank`'s equal slice of the 1-D tensor `full` (a copy)."""
-    if not isinstance(full, torch.Tensor) or full.dim() != 1:
-        shape = tuple(full.shape) if isinstance(full, torch.Tensor) else type(full).__name__
-        raise ValueError(f"{name}: expected a 1-D tensor (the full weight), got {shape}")
+    if not isinstance(full, torch.Tensor):
+        raise TypeError(f"{name}: expected a 1-D torch.Tensor (the full weight), got {type(full).__name__}")
+    if full.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor (the full weight), got shape {tuple(full.shape)}")
     if full.shape[0] % world_size:
         raise ValueError(f"{name}: its {full.shape[0]} elements cannot be split into {world_size} equal shards")
     width = full.shape[0] // world_size
@@ -51,7 +54,7 @@ def _shard(name: str, full: torch.Tensor, rank: int, world_size: int) -> torch.T
 def _check_rank(rank: int, world_size: int) -> None:
     for name, value in (("rank", rank), ("world_size", world_size)):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an int, got {value!r}")
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
@@ -72,7 +75,9 @@ def _ones_weight(size: int, dtype: Optional[torch.dtype], device: Optional[Union
 
 
 def _check_size(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -95,7 +100,9 @@ class TPRMSNorm(nn.Module):
     last dimension) and returns the normalized tensor of the same shape and dtype.
 
     Raises:
-        ValueError: a bad argument (the message names it); forward raises as :func:`rms_norm`.
+        TypeError: size not an int, eps not a real number, group of another kind (the message
+            names the argument).
+        ValueError: size <= 0, eps < 0 or not finite. forward raises as :func:`rms_norm`.
     """
 
     def __init__(
@@ -109,8 +116,8 @@ class TPRMSNorm(nn.Module):
     ) -> None:
         super().__init__()
         _check_size("size", size)
+        self.eps = check_eps(eps)
         self.workspace = _resolve_workspace(group, device)
-        self.eps = float(eps)
         self.weight = _ones_weight(size, dtype, device, self.workspace)
 
     @classmethod
@@ -130,6 +137,7 @@ class TPRMSNorm(nn.Module):
             group, eps: as in the constructor.
 
         Raises:
+            TypeError: `weight` is not a tensor, rank or world_size is not an int.
             ValueError: `weight` is not 1-D or its length is not divisible by `world_size`, or
                 rank/world_size are out of range or differ from the group's.
         """
@@ -167,7 +175,8 @@ class TPQKNorm(nn.Module):
     in qkv's dtype -- new tensors, or views of qkv written in place when ``inplace``.
 
     Raises:
-        ValueError: a bad argument (the message names it); forward raises as :func:`qk_norm`.
+        TypeError: q_size or kv_size not an int, eps not a real number, group of another kind.
+        ValueError: q_size or kv_size <= 0, eps < 0 or not finite. forward raises as :func:`qk_norm`.
     """
 
     def __init__(
@@ -183,8 +192,9 @@ class TPQKNorm(nn.Module):
         super().__init__()
         _check_size("q_size", q_size)
         _check_size("kv_size", kv_size)
+        eps = check_eps(eps)
         self.workspace = _resolve_workspace(group, device)
-        self.q_size, self.kv_size, self.eps = q_size, kv_size, float(eps)
+        self.q_size, self.kv_size, self.eps = q_size, kv_size, eps
         self.q_weight = _ones_weight(q_size, dtype, device, self.workspace)
         self.k_weight = _ones_weight(kv_size, dtype, device, self.workspace)
 
@@ -207,6 +217,7 @@ class TPQKNorm(nn.Module):
             group, eps: as in the constructor.
 
         Raises:
+            TypeError: a weight is not a tensor, rank or world_size is not an int.
             ValueError: a weight is not 1-D or its length is not divisible by `world_size` (the
                 message names it), the weights differ in device or dtype, or rank/world_size are
                 out of range or differ from the group's.

@@ -13,8 +13,8 @@ Debug mode (``ALLREDUCE_RMS_DEBUG=1``, read at each call on a multi-rank workspa
 :func:`set_debug`): before communicating, the ranks all-gather what they were asked to do (op,
 token count, widths) and every rank raises RuntimeError naming the rank(s) whose call differs,
 instead of exchanging mismatched statistics or waiting in a collective forever. It costs one
-extra collective per call, a host-side one (all_gather_object): leave it off while capturing
-CUDA graphs.
+extra collective per call (a small int64 all_gather whose result the host reads, so it
+synchronizes with the device): leave it off while capturing CUDA graphs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from . import _native, fallback
 from . import workspace as _workspace
+from ._collectives import all_gather_ints
 from .workspace import Workspace, WorkspaceError
 
 _DTYPES = _native.DTYPE_CODES
@@ -72,7 +73,12 @@ def rms_norm(
         The normalized tensor, shape and dtype of x.
 
     Raises:
-        ValueError: a bad argument (the message names it).
+        TypeError: an argument of the wrong kind (the message names it): x, weight or out not a
+            torch.Tensor, eps not a real number (a str, None or a bool), workspace neither a
+            Workspace nor None.
+        ValueError: an argument of the right kind with a wrong value (the message names it): an
+            unsupported dtype, a shape, device or stride that does not fit, eps < 0 or not finite,
+            more tokens than ``max_tokens`` on a workspace created with ``chunking=False``.
         TimeoutError: a peer never joined an earlier fused call on this workspace.
         WorkspaceError: the workspace is closed, or was created in another process (fork).
         RuntimeError: debug mode only: the ranks of the group made different calls.
@@ -126,7 +132,10 @@ def qk_norm(
         (q, k): new [..., q_size] and [..., kv_size] tensors, or views into qkv when inplace.
 
     Raises:
-        ValueError, TimeoutError, WorkspaceError, RuntimeError: as :func:`rms_norm`.
+        TypeError: as :func:`rms_norm`, and q_size or kv_size not an int (a bool, float or str).
+        ValueError: as :func:`rms_norm`, and q_size or kv_size <= 0, or the last dimension of qkv
+            not equal to q_size + 2*kv_size.
+        TimeoutError, WorkspaceError, RuntimeError: as :func:`rms_norm`.
     """
     _check_tensor("qkv", qkv)
     q_size = _positive_int("q_size", q_size)
@@ -170,22 +179,40 @@ def qk_norm(
 
 
 # ------------------------------------------------------------------------- validation
+# As in Python and torch: TypeError when an argument is not of an accepted kind (not a tensor,
+# not a number, not an int, not a Workspace), ValueError when it is of the right kind but its
+# value does not fit (a tensor's dtype, shape, device or strides; a number's range).
 def _positive_int(name: str, value: object) -> int:
-    """value as an int (Python or numpy integer); bools and non-positive values are rejected."""
+    """value as an int (Python or numpy integer): TypeError for anything else (bools, floats,
+    strings), ValueError for an int <= 0."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
     if number <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return number
 
 
+def check_eps(eps: object) -> float:
+    """eps as a float: TypeError unless a real number (a str, bytes, None or a bool is not),
+    ValueError when negative, NaN or infinite."""
+    if isinstance(eps, (bool, str, bytes)) or eps is None:
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+    try:
+        value = float(eps)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}") from None
+    if not 0.0 <= value < math.inf:  # also False for NaN
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value
+
+
 def _check_tensor(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _DTYPES:
         raise ValueError(f"{name}: dtype {t.dtype} is not supported; use float32, float16 or bfloat16")
     if t.dim() < 1 or t.shape[-1] == 0:
@@ -197,7 +224,7 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
 
 def _check_weight(name: str, w: torch.Tensor, width: int, x: torch.Tensor) -> None:
     if not isinstance(w, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in _DTYPES:
         raise ValueError(f"{name}: dtype {w.dtype} is not supported; use float32, float16 or bfloat16")
     if w.dim() != 1 or w.shape[0] != width:
@@ -227,19 +254,11 @@ def _prepare(op: int, x: torch.Tensor, tokens: int, widths: Tuple[int, ...], eps
              ws: Optional[Workspace]) -> Tuple[float, int]:
     """Check eps and the workspace against this call; return (eps as float, ranks in the group)."""
     if type(eps) is not float or not 0.0 <= eps < math.inf:  # the common case costs one test
-        if isinstance(eps, (bool, str, bytes)):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        try:
-            value = float(eps)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}") from None
-        if not 0.0 <= value < math.inf:  # also False for NaN
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        eps = value
+        eps = check_eps(eps)
     if ws is None:
         return eps, 1  # type: ignore[return-value]
     if not isinstance(ws, Workspace):
-        raise ValueError(f"workspace: expected an allreduce_rms.Workspace, got {type(ws).__name__}")
+        raise TypeError(f"workspace: expected an allreduce_rms.Workspace or None, got {type(ws).__name__}")
     if ws._closed or ws._pid != _workspace._pid:
         ws.check_usable()  # raises WorkspaceError: closed, or inherited across fork
     world = ws.world_size
@@ -304,8 +323,10 @@ def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[in
     The expected call is the one most ranks made (ties go to the lowest rank), so with one
     stray rank among several, that rank is the one named.
     """
-    calls: List[Optional[Tuple[int, int, Tuple[int, ...]]]] = [None] * ws.world_size
-    dist.all_gather_object(calls, (op, tokens, widths), group=ws.group)
+    # one fixed-size int64 all_gather: (op, tokens, number of widths, widths padded to two)
+    padded = list(widths) + [0] * (2 - len(widths))
+    gathered = all_gather_ints([op, tokens, len(widths), *padded], ws.group, ws.device)
+    calls = [(g[0], g[1], tuple(g[3:3 + g[2]])) for g in gathered]
     if all(c == calls[0] for c in calls):
         return
     expected = max(calls, key=lambda c: (calls.count(c), -calls.index(c)))

@@ -43,12 +43,14 @@ import random
 import socket
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _native
+from ._collectives import all_gather_bytes, all_gather_fields, all_gather_ints
 
 log = logging.getLogger("allreduce_rms")
 
@@ -82,6 +84,69 @@ def current_pid() -> int:
 def _hostname() -> str:
     """This process's host name (a seam for tests that fake several hosts)."""
     return socket.gethostname()
+
+
+_PATH_CODES: Dict[Optional[str], int] = {None: 0, "fused": 1, "fallback": 2}  # a forced path on the wire
+_PATH_NAMES = {code: name for name, code in _PATH_CODES.items()}
+
+
+def _gpu_ids() -> List[str]:
+    """An identity for each GPU this process sees, by visible index, that is the same in every
+    process of the host whatever its CUDA_VISIBLE_DEVICES: the device UUID, else (a torch or
+    driver that reports none) the PCI address, else only the visible index (the last resort
+    cannot tell two isolated ranks' "cuda:0" apart)."""
+    ids = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        uuid = str(getattr(props, "uuid", "") or "")
+        if any(c not in "0-" for c in uuid.lower().replace("gpu-", "")):  # an all-zero UUID names nothing
+            ids.append(f"uuid:{uuid}")
+        elif hasattr(props, "pci_bus_id"):
+            ids.append(f"pci:{getattr(props, 'pci_domain_id', 0)}:{props.pci_bus_id}:{getattr(props, 'pci_device_id', 0)}")
+        else:
+            ids.append(f"index:{index}")
+    return ids
+
+
+@dataclass(frozen=True)
+class _RankFacts:
+    """What one rank knows alone when a workspace is created (gathered from every rank)."""
+
+    rank: int
+    requested: Optional[str]  # the path it forces, or None
+    max_tokens: int
+    chunking: bool
+    ok: bool  # its device is a GPU and the GPU backend loads
+    why: str  # why not, when not ok
+    host: str
+    gpu: str  # its GPU's identity (_gpu_ids), "" when not ok
+
+
+def _static_verdict(facts: List[_RankFacts]) -> Tuple[bool, str]:
+    """Whether the gathered facts allow the fused path before any peer is probed, and why not.
+
+    The first fact that rules it out wins: more than MAX_FUSED_RANKS ranks, several hosts, a rank
+    without a usable GPU backend, two ranks on one GPU (told apart by UUID, so ranks that each
+    see their own GPU as "cuda:0" are not taken for one).
+    """
+    world = len(facts)
+    hosts = sorted({f.host for f in facts})
+    if world > MAX_FUSED_RANKS:
+        return False, f"the group has {world} ranks; the fused path supports at most {MAX_FUSED_RANKS}"
+    if len(hosts) > 1:
+        per_host = {h: [f.rank for f in facts if f.host == h] for h in hosts}
+        return False, (f"ranks span {len(hosts)} hosts ({per_host}): multi-node TP goes through the "
+                       "collective library")
+    bad = [f for f in facts if not f.ok]
+    if bad:
+        return False, f"rank {bad[0].rank}: {bad[0].why}"
+    by_gpu: Dict[str, List[int]] = {}
+    for f in facts:
+        by_gpu.setdefault(f.gpu, []).append(f.rank)
+    shared = [ranks for ranks in by_gpu.values() if len(ranks) > 1]
+    if shared:
+        return False, f"several ranks share one GPU: ranks {shared[0]} use the same device"
+    return True, ""
 
 
 def _env_timeout_ms() -> int:
@@ -128,6 +193,16 @@ class Workspace:
 
     Creating one is collective over ``group``. Use as a context manager, or call :meth:`close`
     on every rank. :func:`workspace_for` returns one cached workspace per group.
+
+    Raises:
+        TypeError: an argument of the wrong kind: group not a ProcessGroup, max_tokens or
+            timeout_ms not an int (a bool or float is not), path not a str, device not a
+            torch.device/str/int.
+        ValueError: a wrong value: max_tokens or timeout_ms < 1, an unknown path or device, a
+            bad ``ALLREDUCE_RMS_PATH`` / ``ALLREDUCE_RMS_TIMEOUT_MS``, this process not in the
+            group; and, on every rank alike, creation arguments that differ across ranks or
+            forced paths that conflict (the message names the rank).
+        WorkspaceError: the fused path was forced but cannot work (the message says why).
     """
 
     def __init__(
@@ -141,12 +216,23 @@ class Workspace:
         chunking: bool = True,
     ) -> None:
         global _counter
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise TypeError(f"max_tokens must be a positive int, got {type(max_tokens).__name__} {max_tokens!r}")
+        if max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if path is not None and not isinstance(path, str):
+            raise TypeError(f"path must be one of {PATHS} or None, got {type(path).__name__} {path!r}")
         if path is not None and path not in PATHS:
             raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+        if timeout_ms is not None and (not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool)):
+            raise TypeError(f"timeout_ms must be a positive int (milliseconds), got {type(timeout_ms).__name__} "
+                            f"{timeout_ms!r}")
+        if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)) \
+                and group is not getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None):
+            # (dist.new_group hands non-members a placeholder, answered below with a ValueError)
+            raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
         requested = path if path is not None else _env_path()
-        self.timeout_ms = int(timeout_ms) if timeout_ms is not None else _env_timeout_ms()
+        self.timeout_ms = timeout_ms if timeout_ms is not None else _env_timeout_ms()
         if self.timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {self.timeout_ms}")
 
@@ -178,36 +264,43 @@ class Workspace:
         _registry[self.key] = self
 
     # ---------------------------------------------------------------- path choice
-    def _agree(self, ok: bool, why: str) -> Tuple[bool, str]:
-        """All-gather (ok, why) over the group; True only if every rank is ok."""
-        gathered: List[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (bool(ok), why), group=self.group)
-        for r, (rank_ok, rank_why) in enumerate(gathered):
+    # Every exchange below goes through fixed-size int64/uint8 tensor collectives
+    # (allreduce_rms._collectives): object collectives pickle through numpy, which this package
+    # does not depend on.
+    def _agree(self, ok: bool, why: str, note: str = "") -> Tuple[bool, str, List[Tuple[int, str]]]:
+        """Gather (ok, why, note) over the group: (True only if every rank is ok, the first
+        failing rank's reason, the non-empty notes with their ranks)."""
+        gathered = all_gather_fields([int(bool(ok))], [why, note], self.group, self.device)
+        notes = [(r, texts[1]) for r, (_, texts) in enumerate(gathered) if texts[1]]
+        for r, ((rank_ok,), (rank_why, _)) in enumerate(gathered):
             if not rank_ok:
-                return False, f"rank {r}: {rank_why}"
-        return True, ""
+                return False, f"rank {r}: {rank_why}", notes
+        return True, "", notes
 
     def _choose_path(self, requested: Optional[str]) -> Tuple[str, str]:
         # One all-gather of everything each rank knows alone. Every decision below is taken from
-        # the same gathered list on every rank, so all ranks raise together or none does, and
+        # the same gathered facts on every rank, so all ranks raise together or none does, and
         # all run the same collectives afterwards (a rank that decided alone could leave its
         # peers waiting in a collective it never joins).
+        gpu_id = ""
         try:
             local_ok, local_why = (True, "") if requested == "fallback" else self._local_facts()
+            if local_ok and requested != "fallback":
+                gpu_id = _gpu_ids()[self.device.index]
         except Exception as exc:  # this rank must still reach the all-gather below
             local_ok, local_why = False, f"backend check failed: {exc}"
-        mine = {"requested": requested, "max_tokens": self.max_tokens, "chunking": self.chunking,
-                "host": _hostname(), "device": (self.device.type, self.device.index),
-                "ok": local_ok, "why": local_why}
-        facts: List[Any] = [None] * self.world_size
-        dist.all_gather_object(facts, mine, group=self.group)
+        facts = [_RankFacts(rank=r, requested=_PATH_NAMES[ints[0]], max_tokens=ints[1], chunking=bool(ints[2]),
+                            ok=bool(ints[3]), host=texts[0], gpu=texts[1], why=texts[2])
+                 for r, (ints, texts) in enumerate(all_gather_fields(
+                     [_PATH_CODES[requested], self.max_tokens, int(self.chunking), int(local_ok)],
+                     [_hostname(), gpu_id, local_why], self.group, self.device))]
 
         for name in ("max_tokens", "chunking"):
-            for r, f in enumerate(facts):
-                if f[name] != facts[0][name]:
-                    raise ValueError(f"allreduce_rms: Workspace arguments differ across ranks: rank {r} passed "
-                                     f"{name}={f[name]!r}, rank 0 passed {name}={facts[0][name]!r}")
-        requests = [f["requested"] for f in facts]
+            for f in facts:
+                if getattr(f, name) != getattr(facts[0], name):
+                    raise ValueError(f"allreduce_rms: Workspace arguments differ across ranks: rank {f.rank} passed "
+                                     f"{name}={getattr(f, name)!r}, rank 0 passed {name}={getattr(facts[0], name)!r}")
+        requests = [f.requested for f in facts]
         if "fused" in requests and "fallback" in requests:
             raise ValueError(f"allreduce_rms: ranks force different paths (path= or ALLREDUCE_RMS_PATH): rank "
                              f"{requests.index('fused')} asks for 'fused', rank {requests.index('fallback')} for 'fallback'")
@@ -217,30 +310,21 @@ class Workspace:
             return "fallback", f"forced{who} (path='fallback' or ALLREDUCE_RMS_PATH)"
         forced = "fused" in requests
 
-        ok, why = True, ""
-        hosts = sorted({f["host"] for f in facts})
-        if self.world_size > MAX_FUSED_RANKS:
-            ok, why = False, f"the group has {self.world_size} ranks; the fused path supports at most {MAX_FUSED_RANKS}"
-        elif len(hosts) > 1:
-            per_host = {h: [r for r, f in enumerate(facts) if f["host"] == h] for h in hosts}
-            ok, why = False, (f"ranks span {len(hosts)} hosts ({per_host}): multi-node TP goes through the "
-                              "collective library")
-        else:
-            bad = [r for r, f in enumerate(facts) if not f["ok"]]
-            devices = [f["device"] for f in facts]
-            if bad:
-                ok, why = False, f"rank {bad[0]}: {facts[bad[0]]['why']}"
-            elif len(set(devices)) != len(devices):
-                ok, why = False, "several ranks share one GPU"
+        ok, why = _static_verdict(facts)
         # From here on each rank learns something only it can see; _agree shares it.
+        notes: List[Tuple[int, str]] = []
         if ok:
-            ok, why = self._agree(*self._peer_access([f["device"][1] for f in facts]))
+            ok, why, notes = self._agree(*self._peer_access([f.gpu for f in facts]))
         if ok:
-            ok, why = self._agree(*self._open_native())
+            ok, why, _ = self._agree(*self._open_native())
         if ok:
-            ok, why = self._agree(*self._functional_check())
+            ok, why, _ = self._agree(*self._functional_check())
         if ok:
-            return "fused", "one P2P domain; functional peer check passed"
+            reason = "one P2P domain; functional peer check passed"
+            if notes:
+                reason += (f" (peer access not queried by rank(s) {[r for r, _ in notes]}: {notes[0][1]}; the IPC "
+                           "open and the functional check decided)")
+            return "fused", reason
         self._release_native()
         if forced:
             raise WorkspaceError(f"allreduce_rms: the fused path was forced but cannot work: {why}")
@@ -254,30 +338,50 @@ class Workspace:
             return False, f"no GPU backend: {error}"
         return True, ""
 
-    def _peer_access(self, devices: List[Optional[int]]) -> Tuple[bool, str]:
-        """Whether this rank's GPU reports peer access to every other rank's GPU (one host)."""
+    def _peer_access(self, gpus: List[str]) -> Tuple[bool, str, str]:
+        """Whether this rank's GPU reports peer access to every other rank's GPU (one host).
+
+        `gpus` holds every rank's GPU identity (:func:`_gpu_ids`). A peer GPU that this process
+        cannot see (each rank started with its own CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES)
+        cannot be asked about: torch.cuda.can_device_access_peer takes visible indices only.
+        Such peers are skipped here (the third value says so), and the IPC open and the
+        functional peer-write check that follow decide alone.
+        """
         try:
-            missing = [p for p in devices
-                       if p != self.device.index and not torch.cuda.can_device_access_peer(self.device.index, p)]
+            visible = {gpu: index for index, gpu in enumerate(_gpu_ids())}
+            mine = self.device.index
+            missing, unseen = [], []
+            for rank, gpu in enumerate(gpus):
+                if rank == self.rank:
+                    continue
+                if gpu not in visible:
+                    unseen.append(rank)
+                elif not torch.cuda.can_device_access_peer(mine, visible[gpu]):
+                    missing.append(visible[gpu])
         except Exception as exc:  # this rank must still reach the agreement that follows
-            return False, f"peer access query failed: {exc}"
-        return (False, f"no peer access from GPU {self.device.index} to GPU(s) {missing}") if missing else (True, "")
+            return False, f"peer access query failed: {exc}", ""
+        if missing:
+            return False, f"no peer access from GPU {mine} to GPU(s) {missing}", ""
+        note = f"the GPU(s) of rank(s) {unseen} are not visible to this process" if unseen else ""
+        return True, "", note
 
     def _open_native(self) -> Tuple[bool, str]:
         handle = b""
+        error = ""
         try:
             self._native = _native.front().NativeWorkspace(
                 _native.dl_device_type(), self.device.index, self.rank, self.world_size, self._slot_tokens,
                 self.timeout_ms * 1_000_000,
             )
-            handle = self._native.ipc_handle()
+            handle = bytes(self._native.ipc_handle())
         except Exception as exc:  # every rank must still reach the collective below
             self._release_native()
-            handles: List[Any] = [None] * self.world_size
-            dist.all_gather_object(handles, b"", group=self.group)
-            return False, f"workspace allocation failed: {exc}"
-        handles = [None] * self.world_size
-        dist.all_gather_object(handles, handle, group=self.group)
+            handle, error = b"", f"workspace allocation failed: {exc}"
+        # IPC handles are fixed-size byte strings (64 bytes for CUDA and HIP); an empty one says
+        # "this rank could not allocate"
+        handles = all_gather_bytes(handle, self.group, self.device)
+        if error:
+            return False, error
         if any(not h for h in handles):
             return False, "a peer could not allocate its workspace"
         try:
@@ -287,13 +391,12 @@ class Workspace:
         return True, ""
 
     def _functional_check(self) -> Tuple[bool, str]:
-        nonce_box = [random.getrandbits(31) | 1]
-        dist.broadcast_object_list(nonce_box, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
-                                   group=self.group)
+        # every rank draws a nonce and all use rank 0's: a shared value without a broadcast
+        nonce = all_gather_ints([random.getrandbits(31) | 1], self.group, self.device)[0][0]
         drop = os.environ.get("ALLREDUCE_RMS_DEBUG_DROP_PEER_WRITES", "0") not in ("", "0")
         timeout_ms = min(PROBE_TIMEOUT_MS, self.timeout_ms)
         try:
-            arrived = self._native.probe(nonce_box[0], timeout_ms * 1_000_000, drop)
+            arrived = self._native.probe(nonce, timeout_ms * 1_000_000, drop)
         except Exception as exc:
             return False, f"functional peer check failed to run: {exc}"
         if not arrived:
@@ -378,11 +481,19 @@ class Workspace:
 
 
 def _resolve_device(device: Optional[torch.device | str | int]) -> torch.device:
+    """The device a workspace serves: TypeError for a device of another kind, ValueError for a
+    string or index torch does not accept."""
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-    dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device: expected a torch.device, a str, an int (a CUDA index) or None, got "
+                        f"{type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    except RuntimeError as exc:  # an unknown device string, a negative index
+        raise ValueError(f"device: {exc}") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
