@@ -6,6 +6,7 @@
 #   STAGES="build tests bench reliability" bash scripts/gpu_run.sh      (default: all four)
 #   STAGES="build profile"   LOCAL-mode timing vs roofline, and Nsight Compute reports if ncu exists
 #   STAGES="build trace"     per-phase trace of the fused kernel, the machine's floors, plan sweep
+#                            (TRACE_SWEEP=0: no sweep; TRACE_ARGS="--tokens 1 64": other T)
 #   NCU_TOKENS="1 1024 8192" (token counts the profile stage captures with ncu)
 #   ARCHS=90a  (CUDA architectures to build; default 90a to keep the build short)
 set -uo pipefail
@@ -52,7 +53,8 @@ if has bench; then
 fi
 if has trace; then
   log "trace: per-phase timestamps, floors and plan sweep (TP$ngpu)"
-  python3 "$OLDPWD/benchmarks/trace_kernel.py" --sweep --json "$OUT/trace-$card-tp$ngpu.json" ${TRACE_ARGS:-} \
+  python3 "$OLDPWD/benchmarks/trace_kernel.py" $([ "${TRACE_SWEEP:-1}" = 1 ] && echo --sweep) \
+    --json "$OUT/trace-$card-tp$ngpu.json" ${TRACE_ARGS:-} \
     2>&1 | tee "$OUT/trace.log" | tail -30 || status=1
 fi
 if has reliability; then
