@@ -1,6 +1,19 @@
 # libarms_hip.so: cpp/ hipified at build time into the build tree (never the source tree), then
 # compiled by the HIP compiler with hip/ first on the include path, so that cpp/platform.h picks
 # up hip/platform_hip.h. Exports one symbol, arms_backend_api (cpp/backend_api.h).
+
+# enable_language(HIP) needs some architecture to test the compiler with. Without
+# CMAKE_HIP_ARCHITECTURES it asks rocm_agent_enumerator for the GPUs of this machine, and a build
+# host without one (a container, CI) then depends on the compiler naming a default target in its
+# verbose output, or fails with "Failed to find a default HIP architecture". The library's targets
+# are ALLREDUCE_RMS_HIP_ARCHS either way (set on the target below); this only picks the test.
+if(NOT DEFINED CMAKE_HIP_ARCHITECTURES)
+  if(ALLREDUCE_RMS_HIP_ARCHS STREQUAL "")
+    set(CMAKE_HIP_ARCHITECTURES gfx90a)  # known to every clang that compiles HIP for ROCm >= 5
+  else()
+    list(GET ALLREDUCE_RMS_HIP_ARCHS 0 CMAKE_HIP_ARCHITECTURES)
+  endif()
+endif()
 enable_language(HIP)
 
 # The ROCm release the compiler belongs to picks the default architectures.
