@@ -129,10 +129,20 @@ setup_sid() {
     rm -rf "$root" "$apt"
     mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/etc/apt.conf.d" "$apt/etc/preferences.d" "$root"
     : >"$apt/status"
-    # Debian's own archive keyring (this machine's) signs sid too. Check-Valid-Until off: a
-    # frozen mirror serves an expired Release file, and the keyring still authenticates it.
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" \
-      >"$apt/etc/sources.list"
+    # sid from the Debian archive this machine already uses (its own apt sources), signed by
+    # Debian's archive keyring. Check-Valid-Until off: a frozen mirror serves an expired Release
+    # file, and the keyring still authenticates it.
+    debian_mirror() {  # known only once the lists are there (the label comes from the Release file)
+      apt-get indextargets --format '$(REPO_URI)' 'Created-By: Packages' 'Label: Debian' 'Component: main' | head -n1
+    }
+    local mirror
+    mirror="$(debian_mirror)"
+    if [ -z "$mirror" ]; then
+      as_root apt-get update -qq || die "apt-get update failed"
+      mirror="$(debian_mirror)"
+    fi
+    [ -n "$mirror" ] || die "sid: this machine's apt sources name no Debian archive (apt-get indextargets)"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" >"$apt/etc/sources.list"
     cat >"$apt/apt.conf" <<EOF
 Dir::Etc "$apt/etc/";
 Dir::Etc::sourcelist "$apt/etc/sources.list";
