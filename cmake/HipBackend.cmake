@@ -105,8 +105,8 @@ set_source_files_properties(${arms_hip_sources} PROPERTIES LANGUAGE HIP GENERATE
 # hip/ before the hipified tree: platform.h's #include "platform_hip.h" must find hip/platform_hip.h.
 target_include_directories(arms_hip PRIVATE "${ARMS_HIP_DIR}" "${arms_hipified_dir}")
 target_compile_features(arms_hip PRIVATE cxx_std_17 hip_std_17)
-# No -ffast-math: it lets the compiler drop the `partial + 0.0f` that keeps a partial sum from
-# reading as the Lamport sentinel -0.0.
+# No -ffast-math: its finite-math part lets clang assume no NaN, and a timed-out exchange poisons
+# its rows with NaN on purpose (nvcc's --use_fast_math, used for CUDA, has no such part).
 target_compile_options(arms_hip PRIVATE $<$<COMPILE_LANGUAGE:HIP>:-O3>)
 set_target_properties(arms_hip PROPERTIES
   OUTPUT_NAME arms_hip

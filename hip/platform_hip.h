@@ -45,11 +45,12 @@ __device__ __forceinline__ uint32_t load_l2(const uint32_t* p) {
 
 // Value of `v` in lane `src` of this wavefront.
 __device__ __forceinline__ float warp_shfl(float v, int src) { return __shfl(v, src); }
+__device__ __forceinline__ float warp_shfl_xor(float v, int mask) { return __shfl_xor(v, mask); }
 
 // System-scope relaxed atomics: the load is re-issued to memory on every spin iteration and sees
 // writes that peers make over xGMI/PCIe into fine-grained memory. On gfx942/gfx950 clang emits
 // global_load/global_store with sc0 sc1 (system coherence: never a stale L1 or non-local L2
-// line); on gfx90a, glc slc (the load) and a plain store that fine-grained memory writes through.
+// line); on gfx90a, a glc load and a plain store, which fine-grained memory writes through.
 // No fences: each cell (or packet) is its own flag.
 __device__ __forceinline__ uint32_t load_relaxed_sys(const uint32_t* p) {
   return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
@@ -58,17 +59,43 @@ __device__ __forceinline__ void store_relaxed_sys(uint32_t* p, uint32_t v) {
   __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
 }
 
-// The same for one 8-byte value+flag packet (p 8-byte aligned): a single global_load_dwordx2 /
-// global_store_dwordx2, which the AMDGPU memory model treats as single-copy atomic, so a reader
-// sees either the old packet or the whole new one, never a new flag with an old value.
+// The same for one 8-byte value+flag packet (cpp/lamport.cuh; p 8-byte aligned): a single
+// global_load_dwordx2 / global_store_dwordx2, which the AMDGPU memory model treats as single-copy
+// atomic, so a reader sees either the old packet or the whole new one, never a new flag with an
+// old value. The x2 forms are two such packets, each atomic on its own (there is no 16-byte
+// single-copy-atomic access: each 8-byte half must carry its own flag).
 __device__ __forceinline__ uint64_t load_relaxed_sys_u64(const uint64_t* p) {
   return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
 }
 __device__ __forceinline__ void store_relaxed_sys_u64(uint64_t* p, uint64_t v) {
   __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
 }
+__device__ __forceinline__ void store_relaxed_sys_u64x2(uint64_t* p, uint64_t a, uint64_t b) {
+  store_relaxed_sys_u64(p, a);
+  store_relaxed_sys_u64(p + 1, b);
+}
+__device__ __forceinline__ void load_relaxed_sys_u64x2(const uint64_t* p, uint64_t& a, uint64_t& b) {
+  a = load_relaxed_sys_u64(p);
+  b = load_relaxed_sys_u64(p + 1);
+}
 
 __device__ __forceinline__ void fence_system() { __threadfence_system(); }
+
+// The epoch advance (cpp/lamport.cuh), all on this GPU's own control words (agent scope): an
+// acquire load (gfx942: a sc1 load, then buffer_inv sc1, so later loads miss stale L1 lines), a
+// device-scope add whose result is unused (a non-returning global_atomic_add), and relaxed loads.
+__device__ __forceinline__ uint64_t load_acquire_gpu_u64(const void* p) {
+  return __hip_atomic_load(static_cast<const uint64_t*>(p), __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
+}
+__device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
+  __hip_atomic_fetch_add(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+}
+__device__ __forceinline__ uint64_t load_relaxed_gpu_u64(const void* p) {
+  return __hip_atomic_load(static_cast<const uint64_t*>(p), __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+}
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
+  return __hip_atomic_load(p, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
+}
 
 // s_memrealtime counts at a constant 100 MHz on CDNA parts.
 __device__ __forceinline__ uint64_t timer_ns() { return __builtin_amdgcn_s_memrealtime() * 10ull; }
