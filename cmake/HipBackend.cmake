@@ -1,6 +1,19 @@
 # libarms_hip.so: cpp/ hipified at build time into the build tree (never the source tree), then
 # compiled by the HIP compiler with hip/ first on the include path, so that cpp/platform.h picks
 # up hip/platform_hip.h. Exports one symbol, arms_backend_api (cpp/backend_api.h).
+
+# enable_language(HIP) needs some architecture to test the compiler with. Without
+# CMAKE_HIP_ARCHITECTURES it asks rocm_agent_enumerator for the GPUs of this machine, and a build
+# host without one (a container, CI) then depends on the compiler naming a default target in its
+# verbose output, or fails with "Failed to find a default HIP architecture". The library's targets
+# are ALLREDUCE_RMS_HIP_ARCHS either way (set on the target below); this only picks the test.
+if(NOT DEFINED CMAKE_HIP_ARCHITECTURES)
+  if(ALLREDUCE_RMS_HIP_ARCHS STREQUAL "")
+    set(CMAKE_HIP_ARCHITECTURES gfx90a)  # known to every clang that compiles HIP for ROCm >= 5
+  else()
+    list(GET ALLREDUCE_RMS_HIP_ARCHS 0 CMAKE_HIP_ARCHITECTURES)
+  endif()
+endif()
 enable_language(HIP)
 
 # The ROCm release the compiler belongs to picks the default architectures.
@@ -92,8 +105,8 @@ set_source_files_properties(${arms_hip_sources} PROPERTIES LANGUAGE HIP GENERATE
 # hip/ before the hipified tree: platform.h's #include "platform_hip.h" must find hip/platform_hip.h.
 target_include_directories(arms_hip PRIVATE "${ARMS_HIP_DIR}" "${arms_hipified_dir}")
 target_compile_features(arms_hip PRIVATE cxx_std_17 hip_std_17)
-# No -ffast-math: it lets the compiler drop the `partial + 0.0f` that keeps a partial sum from
-# reading as the Lamport sentinel -0.0.
+# No -ffast-math: its finite-math part lets clang assume no NaN, and a timed-out exchange poisons
+# its rows with NaN on purpose (nvcc's --use_fast_math, used for CUDA, has no such part).
 target_compile_options(arms_hip PRIVATE $<$<COMPILE_LANGUAGE:HIP>:-O3>)
 set_target_properties(arms_hip PROPERTIES
   OUTPUT_NAME arms_hip

@@ -16,14 +16,16 @@
 namespace arms {
 namespace platform {
 
-// CDNA parts (gfx90a, gfx94x, gfx950) run 64-wide wavefronts. __AMDGCN_WAVEFRONT_SIZE is only
-// defined in the device pass; the host pass sizes blocks in multiples of 64, which also suits a
-// wave32 device.
-#if defined(__AMDGCN_WAVEFRONT_SIZE)
-constexpr int kWarpSize = __AMDGCN_WAVEFRONT_SIZE;
-#else
-constexpr int kWarpSize = 64;
+// The backend targets CDNA (gfx9: gfx90a MI200, gfx942 MI300, gfx950 MI350), whose wavefronts
+// are always 64 wide, so kWarpSize is the constant 64 in the host and the device pass alike: the
+// host sizes blocks and the backend table reports warp_size() with the same number the kernels
+// use for lane mapping and reductions. (Clang 21 deprecates __AMDGCN_WAVEFRONT_SIZE, the old
+// compile-time spelling, and RDNA parts run wave32 by default: they are refused below instead of
+// being compiled with a lane mapping that would not match their hardware.)
+#if defined(__HIP_DEVICE_COMPILE__) && !defined(__GFX9__)
+#error "allreduce-rms: the HIP backend supports CDNA (gfx9) targets only: set ALLREDUCE_RMS_HIP_ARCHS to gfx90a, gfx942 and/or gfx950"
 #endif
+constexpr int kWarpSize = 64;
 
 using Stream = hipStream_t;
 using Error = hipError_t;
@@ -36,13 +38,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Read a value another kernel on this device wrote (device-scope, never a stale cache line).
+// Read a value another kernel on this device wrote (device scope: never a stale L1 line).
 __device__ __forceinline__ uint32_t load_l2(const uint32_t* p) {
-#if __has_builtin(__hip_atomic_load)
   return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
-#else
-  return __atomic_load_n(p, __ATOMIC_RELAXED);
-#endif
 }
 
 // Value of `v` in lane `src` of this wavefront.
@@ -50,30 +48,27 @@ __device__ __forceinline__ float warp_shfl(float v, int src) { return __shfl(v, 
 __device__ __forceinline__ float warp_shfl_xor(float v, int mask) { return __shfl_xor(v, mask); }
 
 // System-scope relaxed atomics: the load is re-issued to memory on every spin iteration and sees
-// writes that peers make over xGMI/PCIe into fine-grained memory.
+// writes that peers make over xGMI/PCIe into fine-grained memory. On gfx942/gfx950 clang emits
+// global_load/global_store with sc0 sc1 (system coherence: never a stale L1 or non-local L2
+// line); on gfx90a, a glc load and a plain store, which fine-grained memory writes through.
+// No fences: each cell (or packet) is its own flag.
 __device__ __forceinline__ uint32_t load_relaxed_sys(const uint32_t* p) {
-#if __has_builtin(__hip_atomic_load)
   return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
-#else
-  return __atomic_load_n(p, __ATOMIC_RELAXED);  // clang's AMDGPU default scope is system
-#endif
 }
 __device__ __forceinline__ void store_relaxed_sys(uint32_t* p, uint32_t v) {
-#if __has_builtin(__hip_atomic_store)
   __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
-#else
-  __atomic_store_n(p, v, __ATOMIC_RELAXED);
-#endif
 }
-__device__ __forceinline__ void fence_system() { __threadfence_system(); }
 
-// 64-bit value+flag packets (cpp/lamport.cuh): one aligned 64-bit system-scope access each, so
-// the flag and the value of a packet are seen together. The x2 forms are two such packets.
-__device__ __forceinline__ void store_relaxed_sys_u64(uint64_t* p, uint64_t v) {
-  __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
-}
+// The same for one 8-byte value+flag packet (cpp/lamport.cuh; p 8-byte aligned): a single
+// global_load_dwordx2 / global_store_dwordx2, which the AMDGPU memory model treats as single-copy
+// atomic, so a reader sees either the old packet or the whole new one, never a new flag with an
+// old value. The x2 forms are two such packets, each atomic on its own (there is no 16-byte
+// single-copy-atomic access: each 8-byte half must carry its own flag).
 __device__ __forceinline__ uint64_t load_relaxed_sys_u64(const uint64_t* p) {
   return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+__device__ __forceinline__ void store_relaxed_sys_u64(uint64_t* p, uint64_t v) {
+  __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
 }
 __device__ __forceinline__ void store_relaxed_sys_u64x2(uint64_t* p, uint64_t a, uint64_t b) {
   store_relaxed_sys_u64(p, a);
@@ -84,8 +79,11 @@ __device__ __forceinline__ void load_relaxed_sys_u64x2(const uint64_t* p, uint64
   b = load_relaxed_sys_u64(p + 1);
 }
 
-// The epoch advance: an acquire load of the control words, a device-scope relaxed add, and the
-// acquire load that reads the count.
+__device__ __forceinline__ void fence_system() { __threadfence_system(); }
+
+// The epoch advance (cpp/lamport.cuh), all on this GPU's own control words (agent scope): an
+// acquire load (gfx942: a sc1 load, then buffer_inv sc1, so later loads miss stale L1 lines), a
+// device-scope add whose result is unused (a non-returning global_atomic_add), and relaxed loads.
 __device__ __forceinline__ uint64_t load_acquire_gpu_u64(const void* p) {
   return __hip_atomic_load(static_cast<const uint64_t*>(p), __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
 }
