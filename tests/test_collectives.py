@@ -4,8 +4,6 @@ promise behind them: the library runs without numpy, which it does not declare.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from typing import Any, Dict
@@ -16,7 +14,8 @@ import torch.distributed as dist
 
 from allreduce_rms import _collectives as coll
 
-from allreduce_rms.launch import free_port, run_ranks
+from allreduce_rms.launch import run_ranks
+from distributed import run_script_ranks
 
 
 def _worker(rank: int, world: int) -> Dict[str, Any]:
@@ -137,17 +136,6 @@ _NO_NUMPY_RANK = textwrap.dedent("""
 def test_runs_without_numpy(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_NO_NUMPY_RANK)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank without numpy hung")
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} failed without numpy:\n{out}"
+    for r, (code, out) in enumerate(run_script_ranks(script, 2, timeout=120)):
+        assert code == 0, f"rank {r} failed without numpy:\n{out}"
         assert f"rank {r}: ok without numpy" in out, out

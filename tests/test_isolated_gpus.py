@@ -7,15 +7,12 @@ shared harness pins rank r to cuda:r.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from allreduce_rms.launch import free_port
+from distributed import run_script_ranks
 
 _RANK = textwrap.dedent("""
     import torch
@@ -57,20 +54,9 @@ def test_isolated_visibility_gives_a_true_reason(tmp_path):
         pytest.skip("needs 2 GPUs")
     script = tmp_path / "rank.py"
     script.write_text(_RANK)
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**base, "RANK": str(r), "CUDA_VISIBLE_DEVICES": str(r)})
-             for r in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank hung")
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r}:\n{out}"
+    ranks = run_script_ranks(script, 2, lambda r: {"CUDA_VISIBLE_DEVICES": str(r)}, timeout=180)
+    for r, (code, out) in enumerate(ranks):
+        assert code == 0, f"rank {r}:\n{out}"
         line = next(l for l in out.splitlines() if l.startswith(f"rank {r}: path="))
         assert "share one GPU" not in line, line
         if "path=fused" in line:

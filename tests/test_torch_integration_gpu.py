@@ -101,19 +101,24 @@ def test_compiled_ops_replay_in_cuda_graph(path: str) -> None:
         assert r["max_error"] <= BF16_TOLERANCE
 
 
-def _fusion_worker(rank: int, world: int) -> Dict[str, Any]:
+def _fusion_worker(rank: int, world: int, model: str) -> Dict[str, Any]:
+    """A model function of test_fusion (`attention_block`, or `spellings`: 3-D inputs, product
+    orders, k's statistic first, division after the split, per-norm eps) compiled with the fusion
+    pass through Inductor on GPUs, captured in a CUDA graph and replayed with new inputs."""
     import allreduce_rms
     from allreduce_rms.compile import inductor_pass
 
-    from test_fusion import _block_args, _inputs, attention_block
+    import test_fusion
 
+    fn = getattr(test_fusion, model)
+    make_args = test_fusion._block_args if model == "attention_block" else test_fusion._spelling_args
     device = torch.device("cuda", rank)
     ws = allreduce_rms.Workspace(device=device)
 
     def inputs(seed: int) -> tuple:
-        return tuple(t.to(device) for t in _block_args(_inputs(rank + 10 * seed, TOKENS)))
+        return tuple(t.to(device) for t in make_args(test_fusion._inputs(rank + 10 * seed, TOKENS)))
 
-    compiled = torch.compile(attention_block, fullgraph=True)
+    compiled = torch.compile(fn, fullgraph=True)
     static = inputs(1)
     with inductor_pass(ws) as fusion:
         graph, outputs = _capture(compiled, static)
@@ -124,50 +129,19 @@ def _fusion_worker(rank: int, world: int) -> Dict[str, Any]:
             dst.copy_(src)
         graph.replay()
         torch.cuda.synchronize(device)
-        expected = attention_block(*fresh)  # eager, unfused, NCCL all-reduce
+        expected = fn(*fresh)  # eager, unfused, NCCL all-reduce
         errors += [_rel_err(o, e) for o, e in zip(outputs, expected)]
     ws.synchronize()
     return {"path": ws.path, "replaced": fusion.replaced, "max_error": max(errors)}
 
 
 def test_fusion_pass_compiles_and_replays_in_cuda_graph() -> None:
-    for r in run_ranks(_fusion_worker, 2, backend="nccl"):
+    for r in run_ranks(_fusion_worker, 2, "attention_block", backend="nccl"):
         assert r["replaced"] == 2, r
         assert r["max_error"] <= BF16_TOLERANCE, r
 
 
-def _spellings_worker(rank: int, world: int) -> Dict[str, Any]:
-    """The pattern matcher's other spellings (3-D inputs, product orders, k's statistic first,
-    division after the split, per-norm eps) through Inductor on GPUs, replayed in a CUDA graph."""
-    import allreduce_rms
-    from allreduce_rms.compile import inductor_pass
-
-    from test_fusion import _inputs, _spelling_args, spellings
-
-    device = torch.device("cuda", rank)
-    ws = allreduce_rms.Workspace(device=device)
-
-    def inputs(seed: int) -> tuple:
-        return tuple(t.to(device) for t in _spelling_args(_inputs(rank + 10 * seed, TOKENS)))
-
-    compiled = torch.compile(spellings, fullgraph=True)
-    static = inputs(1)
-    with inductor_pass(ws) as fusion:
-        graph, outputs = _capture(compiled, static)
-    errors: List[float] = []
-    for seed in (2, 3):
-        fresh = inputs(seed)
-        for dst, src in zip(static, fresh):
-            dst.copy_(src)
-        graph.replay()
-        torch.cuda.synchronize(device)
-        expected = spellings(*fresh)  # eager, unfused, NCCL all-reduce
-        errors += [_rel_err(o, e) for o, e in zip(outputs, expected)]
-    ws.synchronize()
-    return {"path": ws.path, "replaced": fusion.replaced, "max_error": max(errors)}
-
-
 def test_fusion_pass_spellings_compile_and_replay_in_cuda_graph() -> None:
-    for r in run_ranks(_spellings_worker, 2, backend="nccl"):
+    for r in run_ranks(_fusion_worker, 2, "spellings", backend="nccl"):
         assert r["replaced"] == 3, r  # rms_norm (3-D), qk_norm (3-D, k first), rms_norm (fp16, own eps)
         assert r["max_error"] <= BF16_TOLERANCE, r
