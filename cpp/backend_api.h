@@ -147,10 +147,11 @@ typedef struct ArmsBackendApi {
   /* Tuning: force warps per token, vectors per thread and tokens per block (at least; the grid
    * is still clamped to co-resident blocks) for every later launch (0 = automatic). */
   int (*set_plan_override)(int warps_per_token, int vectors_per_thread, int tokens_per_block);
-  /* Profiling: block 0 of every fused launch writes ARMS_TRACE_POINTS globaltimer stamps (entry,
-   * after the PDL wait, row loaded and reduced, partials sent, peers' partials arrived, stores
-   * issued) to trace[(call % depth) * ARMS_TRACE_POINTS ...]; trace = NULL turns it off. trace is
-   * device memory of depth * ARMS_TRACE_POINTS uint64. */
+  /* Profiling: block 0 of every fused launch writes 6 globaltimer stamps (entry, after the PDL
+   * wait, first row loaded and reduced, its partials sent, its peers' partials arrived, all stores
+   * issued) to the first 6 of the ARMS_TRACE_POINTS words at trace[(call % depth) *
+   * ARMS_TRACE_POINTS]; trace = NULL turns it off. trace is device memory of depth *
+   * ARMS_TRACE_POINTS uint64. */
   int (*workspace_trace)(ArmsWorkspace* ws, uint64_t* trace, int depth);
   /* One floor-probe launch (ArmsFloorKind) on stream, on the workspace's device and peers. */
   int (*floor_launch)(ArmsWorkspace* ws, int kind, void* stream);

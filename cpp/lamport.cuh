@@ -19,9 +19,10 @@
 //   launch e has finished (the next launch starts with pdl_wait / stream order).
 // - Why a stale packet is never taken for a fresh one: slot e % 2 last held packets of launch
 //   e - 2 or older, whose flags differ from flag(e). Flags have 31 bits of epoch, and every
-//   2^28 launches (kRefreshMask) a launch zeroes the packets of its slot that it does not write
-//   (tokens >= T), so no packet lives long enough for its flag to come round again. Zero is
-//   never a flag (flags have the top bit set), so a zeroed or never-written packet never matches.
+//   2^28 launches (kRefreshMask) a launch zeroes the packets of its slot that it does not wait
+//   for (tokens >= T, and segment 1 of a one-segment launch), so no packet lives long enough for
+//   its flag to come round again. Zero is never a flag (flags have the top bit set), so a zeroed
+//   or never-written packet never matches.
 // - Why all ranks agree bit for bit: every rank adds the same N partials in the same order.
 #pragma once
 
@@ -91,6 +92,8 @@ struct Epoch {
 // read it. The count lets finish_launch move the epoch on only after every warp of the launch
 // has read the old value; the read is an acquire, so the count cannot overtake it. One lane per
 // warp reads and counts; the others get the values by shuffle, so no load of theirs can be late.
+// A one-block launch counts nothing: finish_launch's thread 0 writes the new epoch after the
+// block's first __syncthreads (in block_partials), which every warp passes only after its read.
 __device__ inline Epoch read_epoch(const LamportParams& lp, int lane) {
   uint64_t words = 0;  // {epoch, failed}
   if (lane == 0) {
@@ -130,6 +133,9 @@ __device__ inline void record_fault(const LamportParams& lp, int peer, uint32_t 
 }
 
 // Lane r < N of the sending warp stores this rank's partials of `token` into rank r's buffer.
+// Every lane holds the same bits of the block's partials (the xor butterflies of block_partials
+// leave the identical sum in every lane), so what rank r receives from lane r is exactly what
+// this rank adds for itself from lane `rank`: the ranks' totals agree bit for bit.
 // Adding +0.0 is not needed here (the flag, not the value, marks a packet as written).
 __device__ inline void send_partials(const LamportParams& lp, const Epoch& e, int token, int nseg, float p0, float p1,
                                      int lane) {
@@ -176,17 +182,19 @@ __device__ inline float2 receive_partials(const LamportParams& lp, const Epoch& 
   return make_float2(packet_value(a), nseg == 1 ? 0.f : packet_value(b));
 }
 
-// Zero the packets of this launch's slot that it does not write (tokens >= T), on the rare
-// launches that kRefreshMask picks, so that no packet outlives its flag's wrap-around. Safe at
-// any point of launch e: peers write this slot of our buffer only in launch e (tokens < T) and
-// e + 2 (after our launch e + 1 has started, so after this launch has ended).
-__device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoch& e, int tokens) {
-  if ((e.epoch & kRefreshMask) >= 2u || tokens >= lp.capacity) return;
-  const int64_t stale = static_cast<int64_t>(lp.capacity - tokens) * kPacketsPerToken;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < stale * lp.nranks;
+// Zero every packet of this launch's slot that it does not wait for (tokens >= T, and the second
+// segment's packets of a one-segment launch), on the rare launches that kRefreshMask picks, so
+// that no packet outlives its flag's wrap-around. Safe at any point of launch e: peers write this
+// slot of our buffer only in launch e (tokens < T, segments < nseg: left alone here) and e + 2
+// (after our launch e + 1 has started, so after this launch has ended).
+__device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoch& e, int tokens, int nseg) {
+  if ((e.epoch & kRefreshMask) >= 2u) return;
+  const int64_t per_source = static_cast<int64_t>(lp.capacity) * kPacketsPerToken;
+  uint64_t* slot = lp.buffers[lp.rank] + packet_index(lp, e.slot, 0, 0);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_source * lp.nranks;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int source = static_cast<int>(i / stale);
-    lp.buffers[lp.rank][packet_index(lp, e.slot, source, tokens) + i % stale] = 0u;
+    const int64_t in_source = i % per_source;
+    if (in_source / kPacketsPerToken >= tokens || in_source % kPacketsPerToken >= nseg) slot[i] = 0u;
   }
 }
 
@@ -203,7 +211,7 @@ __device__ inline void finish_launch(const LamportParams& lp, const Epoch& e, in
     const uint64_t start = platform::timer_ns();
     while (platform::load_acquire_gpu(&lp.ctrl->arrived) < warps) {
       if (platform::timer_ns() - start > static_cast<uint64_t>(lp.timeout_ns)) {
-        record_fault(lp, lp.rank, e.epoch, tokens);
+        record_fault(lp, -1, e.epoch, tokens);  // peer -1: this rank's own blocks never all ran
         return;
       }
     }

@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
 
   if constexpr (kLamport) {
     if (trace) trace[kTraceStored] = platform::timer_ns();
-    refresh_stale_packets(p.lamport, e, p.tokens);
+    refresh_stale_packets(p.lamport, e, p.tokens, p.num_segments);
     finish_launch(p.lamport, e, p.tokens);
   }
 }

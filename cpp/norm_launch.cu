@@ -109,7 +109,8 @@ int pow2_ceil(int64_t v) {
 //   columns for (up to 16), one vector per thread or two (weights then stay in registers,
 //   loaded with the row);
 // - up to 4 tokens per SM: 8 warps and 4 vectors per thread (weights read after the exchange);
-// - prefill: the fewest warps that cover the row with 8 vectors per thread, many rows per block.
+// - prefill: the fewest warps that cover the row with 8 vectors per thread; each block then walks
+//   T / grid rows, the grid being clamped to the blocks that fit on the GPU at once.
 // Never more warps than the row has 32-vector columns for.
 struct Shape {
   int warps;
@@ -212,7 +213,7 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk_tokens, Plan
                 "row too wide: " + std::to_string(row_elems) + " elements on this rank; at most " +
                     std::to_string(kMaxBlockThreads * (wide ? kMaxVpt : kScalarVpt) * plan->vec) + " fit one block" +
                     (wide ? "" : " on the unaligned path (make pointers and row strides 16-byte aligned)") +
-                    (override_warps > 0 ? " with the plan override" : ""));
+                    (override_warps > 0 || override_vpt > 0 ? " with the plan override" : ""));
   plan->fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, shape.vpt, mode)
            : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, shape.vpt, mode)
                                   : kernel_for<BF16>(wide, shape.vpt, mode);

@@ -78,9 +78,12 @@ __device__ __forceinline__ uint64_t load_acquire_gpu_u64(const void* p) {
 __device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
   asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
-// A relaxed device-scope 64-bit read (no L1), for a launch that has no other warp to order with.
+// A relaxed device-scope 64-bit read (never a stale L1 line), for a launch that has no other
+// warp to order with.
 __device__ __forceinline__ uint64_t load_relaxed_gpu_u64(const void* p) {
-  return __ldcg(static_cast<const unsigned long long*>(p));
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
 }
 __device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
   uint32_t v;

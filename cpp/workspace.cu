@@ -89,7 +89,7 @@ int workspace_create(int device, int rank, int nranks, int capacity, int64_t tim
     return s;
   // Zero is never a flag: a zeroed buffer holds no packet of any launch (lamport.cuh).
   if (int s = check(cudaMemset(ws->own, 0, ws->buffer_bytes), "clearing the Lamport buffer")) return s;
-  // Every cell must hold the sentinel before any peer can be told our handle.
+  // Every packet must be zero (no flag) before any peer can be told our handle.
   if (int s = check(cudaDeviceSynchronize(), "initializing the workspace")) return s;
   *out = ws;
   return ARMS_OK;
@@ -195,9 +195,12 @@ int fused_norm(ArmsWorkspace* ws, const ArmsNormArgs* args) {
   if (ws->fault_host->failed) {
     const volatile ArmsFault* f = ws->fault_host;
     const char* op = f->op == ARMS_OP_QK_NORM ? "qk_norm" : "rms_norm";
+    const std::string waiting_for =
+        f->peer >= 0 ? "rank " + std::to_string(f->peer)
+                     : std::string("its own blocks to start (the grid was not co-resident on the GPU)");
     return fail(ARMS_PEER_TIMEOUT, std::string(op) + " on rank " + std::to_string(f->rank) + " timed out after " +
-                                       std::to_string(ws->timeout_ns / 1000000) + " ms waiting for rank " +
-                                       std::to_string(f->peer) + " in call #" + std::to_string(f->epoch) +
+                                       std::to_string(ws->timeout_ns / 1000000) + " ms waiting for " + waiting_for +
+                                       " in call #" + std::to_string(f->epoch) +
                                        " on this workspace (" + std::to_string(f->tokens) +
                                        " tokens); the workspace is unusable, create a new one");
   }
