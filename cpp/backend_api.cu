@@ -30,7 +30,6 @@ int device_count(int* count) {
 
 int warp_size() { return platform::kWarpSize; }
 
-
 int norm(const ArmsNormArgs* args) {
   if (args->mode == ARMS_MODE_LAMPORT) return fail(ARMS_INVALID_ARGUMENT, "LAMPORT mode needs a workspace");
   if (int status = use_device(args->device)) return status;

@@ -76,7 +76,6 @@ __device__ __forceinline__ ThreadColumns<VEC, VPT> thread_columns(const KernelPa
 
 __device__ __forceinline__ const KernelSegment& segment(const KernelParams& p, int s) { return s == 0 ? p.seg[0] : p.seg[1]; }
 
-
 template <class D, int VEC, int VPT>
 __device__ __forceinline__ void load_row(const KernelParams& p, const ThreadColumns<VEC, VPT>& c, int token,
                                          Vec<D, VEC> (&x)[VPT]) {

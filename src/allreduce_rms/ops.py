@@ -349,8 +349,9 @@ def fused_plan(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
 
     Returns a dict: ``warps_per_token`` (warps of one block, which serves one token at a time),
     ``vectors_per_thread``, ``vector_elems``, ``block`` (threads), ``grid`` (blocks of the first
-    launch), ``launches`` (chunks), ``pdl``. For the benchmark's record and tuning; raises
-    ValueError unless ``workspace.path == "fused"`` and qkv is on its GPU.
+    launch), ``launches`` (chunks), ``pdl``. For the benchmark's record and tuning: it
+    synchronizes the device (to read the workspace's capacity), so never call it while capturing
+    a CUDA graph. Raises ValueError unless ``workspace.path == "fused"`` and qkv is on its GPU.
     """
     if workspace.path != "fused" or not qkv.is_cuda:
         raise ValueError("fused_plan: needs a fused workspace and GPU tensors")
