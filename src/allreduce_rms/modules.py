@@ -81,6 +81,36 @@ def _check_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _kv_heads(k_weight: torch.Tensor, num_kv_heads: Optional[int],
+              head_dim: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
+    """(num_kv_heads, head_dim) checked against the full 1-D k weight, the missing one inferred;
+    (None, None) when neither is given."""
+    if not isinstance(k_weight, torch.Tensor):
+        raise TypeError(f"k_weight: expected a 1-D torch.Tensor (the full weight), got {type(k_weight).__name__}")
+    if k_weight.dim() != 1:
+        raise ValueError(f"k_weight: expected a 1-D tensor (the full weight), got shape {tuple(k_weight.shape)}")
+    if num_kv_heads is None and head_dim is None:
+        return None, None
+    length = k_weight.shape[0]
+    if num_kv_heads is not None:
+        _check_size("num_kv_heads", num_kv_heads)
+    if head_dim is not None:
+        _check_size("head_dim", head_dim)
+    if head_dim is None:
+        if length % num_kv_heads:
+            raise ValueError(f"k_weight: its {length} elements are not num_kv_heads={num_kv_heads} heads of equal "
+                             f"width")
+        head_dim = length // num_kv_heads
+    elif num_kv_heads is None:
+        if length % head_dim:
+            raise ValueError(f"k_weight: its {length} elements are not whole heads of head_dim={head_dim}")
+        num_kv_heads = length // head_dim
+    if length != num_kv_heads * head_dim:
+        raise ValueError(f"k_weight: has {length} elements, but num_kv_heads * head_dim = {num_kv_heads} * {head_dim} "
+                         f"= {num_kv_heads * head_dim}")
+    return num_kv_heads, head_dim
+
+
 class TPRMSNorm(nn.Module):
     """RMSNorm over a row of width ``world_size * size`` of which this rank holds ``size`` columns.
 
@@ -169,14 +199,25 @@ class TPQKNorm(nn.Module):
     Attributes:
         q_weight: Parameter [q_size]; k_weight: Parameter [kv_size]; both initialized to ones.
         workspace: the group's :class:`Workspace`.
+        num_kv_heads, head_dim: the model's total KV head count and head width when given to
+            :meth:`from_full_weight`, else None (informative: forward does not use them).
 
     Shapes: ``forward(qkv, inplace=False)`` takes qkv of shape [..., q_size + 2*kv_size] (q | k | v
     columns of this rank, float32/float16/bfloat16) and returns (q [..., q_size], k [..., kv_size])
     in qkv's dtype -- new tensors, or views of qkv written in place when ``inplace``.
 
+    Replicated KV heads (fewer KV heads than ranks) need nothing special at run time: each rank
+    holds its head's k columns, the R = world_size / num_kv_heads copies of a head each add its
+    sum of squares, and the width the sum is divided by is R times the real one, so the mean
+    square is the real one. Build such a module with ``from_full_weight(..., num_kv_heads=...)``.
+
     Raises:
         TypeError: q_size or kv_size not an int, eps not a real number, group of another kind.
-        ValueError: q_size or kv_size <= 0, eps < 0 or not finite. forward raises as :func:`qk_norm`.
+        ValueError: q_size or kv_size <= 0, eps < 0 or not finite. forward raises ValueError when
+            qkv's last dimension is not q_size + 2*kv_size (the message gives the layout the
+            module expects, and points at ``num_kv_heads`` when k and v look like whole
+            multiples of kv_size, the sign of replicated KV heads built without it), and
+            otherwise raises as :func:`qk_norm`.
     """
 
     def __init__(
@@ -195,6 +236,8 @@ class TPQKNorm(nn.Module):
         eps = check_eps(eps)
         self.workspace = _resolve_workspace(group, device)
         self.q_size, self.kv_size, self.eps = q_size, kv_size, eps
+        self.num_kv_heads: Optional[int] = None
+        self.head_dim: Optional[int] = None
         self.q_weight = _ones_weight(q_size, dtype, device, self.workspace)
         self.k_weight = _ones_weight(kv_size, dtype, device, self.workspace)
 
@@ -207,24 +250,62 @@ class TPQKNorm(nn.Module):
         world_size: int,
         group: GroupOrWorkspace = None,
         eps: float = 1e-6,
+        *,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
     ) -> "TPQKNorm":
-        """The module of rank `rank`, holding its equal shards of the full q and k weights.
+        """The module of rank `rank`, holding its shards of the full q and k weights.
+
+        The q weight is split into `world_size` equal consecutive shards. The k weight is split
+        the way vLLM and SGLang lay out the KV heads of a tensor-parallel attention layer:
+
+        * num_kv_heads and head_dim None: into `world_size` equal shards, as q.
+        * num_kv_heads >= world_size: each rank holds num_kv_heads / world_size whole heads
+          (the same equal split, checked against the head count).
+        * num_kv_heads < world_size (replicated KV heads, e.g. MiniMax-M2's 8 KV heads at TP 16):
+          each head sits on R = world_size / num_kv_heads consecutive ranks, and rank r holds
+          all of head h = r // R: k_weight[h*head_dim:(h+1)*head_dim], so kv_size = head_dim.
+          The rank's qkv must then carry that head's k and v columns (q_size + 2*head_dim).
 
         Args:
             q_weight: the full [num_heads * head_dim] q weight; k_weight: the full
-                [num_kv_heads * head_dim] k weight (same device and dtype as q_weight).
+                [num_kv_heads * head_dim] k weight (same device and dtype as q_weight; any of
+                float32/float16/bfloat16; the shards keep both).
             rank, world_size: this rank's place in the group; must match `group`.
             group, eps: as in the constructor.
+            num_kv_heads: the model's total KV head count (keyword only). Needed when it is less
+                than `world_size`; otherwise it only adds checks.
+            head_dim: the width of one head (keyword only). Default: k_weight's length divided
+                by num_kv_heads. Given alone, num_kv_heads is k_weight's length divided by it.
+                When given or inferred, each rank must hold whole q heads too.
 
         Raises:
-            TypeError: a weight is not a tensor, rank or world_size is not an int.
+            TypeError: a weight is not a tensor; rank, world_size, num_kv_heads or head_dim is
+                not an int (bools included).
             ValueError: a weight is not 1-D or its length is not divisible by `world_size` (the
-                message names it), the weights differ in device or dtype, or rank/world_size are
-                out of range or differ from the group's.
+                message names it); num_kv_heads or head_dim <= 0; k_weight's length is not
+                num_kv_heads * head_dim; num_kv_heads < world_size without dividing it, or
+                >= world_size without being a multiple of it; q_weight's length is not a
+                multiple of world_size * head_dim; the weights differ in device or dtype; or
+                rank/world_size are out of range or differ from the group's.
         """
         _check_rank(rank, world_size)
         q_shard = _shard("q_weight", q_weight, rank, world_size)
-        k_shard = _shard("k_weight", k_weight, rank, world_size)
+        num_kv_heads, head_dim = _kv_heads(k_weight, num_kv_heads, head_dim)
+        if head_dim is not None and q_weight.shape[0] % (world_size * head_dim):
+            raise ValueError(f"q_weight: its {q_weight.shape[0]} elements are not whole heads of head_dim={head_dim} "
+                             f"split evenly over {world_size} ranks (need a multiple of {world_size * head_dim})")
+        if num_kv_heads is not None and head_dim is not None and num_kv_heads < world_size:
+            if world_size % num_kv_heads:
+                raise ValueError(f"num_kv_heads={num_kv_heads} is less than world_size={world_size} but does not "
+                                 f"divide it: each KV head must be replicated on the same number of ranks")
+            head = rank // (world_size // num_kv_heads)
+            k_shard = k_weight[head * head_dim:(head + 1) * head_dim].detach().clone()
+        else:
+            if num_kv_heads is not None and num_kv_heads % world_size:
+                raise ValueError(f"num_kv_heads={num_kv_heads} cannot be split into {world_size} equal shards of whole "
+                                 f"heads: it must be a multiple of world_size, or a divisor of it (replicated heads)")
+            k_shard = _shard("k_weight", k_weight, rank, world_size)
         if (k_shard.dtype, k_shard.device) != (q_shard.dtype, q_shard.device):
             raise ValueError(f"k_weight: dtype {k_shard.dtype} on {k_shard.device} differs from q_weight's "
                              f"{q_shard.dtype} on {q_shard.device}")
@@ -233,12 +314,30 @@ class TPQKNorm(nn.Module):
         module = cls(q_shard.shape[0], k_shard.shape[0], eps, ws, dtype=q_shard.dtype, device=q_shard.device)
         module.q_weight.data.copy_(q_shard)
         module.k_weight.data.copy_(k_shard)
+        module.num_kv_heads, module.head_dim = num_kv_heads, head_dim
         return module
 
     def forward(self, qkv: torch.Tensor, inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(qkv, torch.Tensor) and qkv.dim() >= 1 and qkv.shape[-1] != self.q_size + 2 * self.kv_size:
+            raise ValueError(self._width_message(int(qkv.shape[-1])))
         return custom_ops.qk_norm(qkv, self.q_weight, self.k_weight, self.q_size, self.kv_size, self.eps,
                                   self.workspace, inplace=inplace)
 
+    def _width_message(self, width: int) -> str:
+        """Why a qkv of last dimension `width` does not fit, and the likely cause."""
+        q, kv, world = self.q_size, self.kv_size, self.workspace.world_size
+        message = (f"qkv: last dimension is {width}, but this TPQKNorm expects this rank's q | k | v columns, "
+                   f"q_size + 2*kv_size = {q} + 2*{kv} = {q + 2 * kv}")
+        rest = width - q
+        # k and v a whole multiple of kv_size wider: the k weight was split evenly over the ranks
+        # although each rank holds whole (replicated) KV heads.
+        if self.num_kv_heads is None and world > 1 and rest > 2 * kv and rest % (2 * kv) == 0:
+            message += (f". Its k and v look {rest // (2 * kv)} times wider ({rest // 2} columns each): if the model "
+                        f"has fewer KV heads than the {world} ranks, each head replicated on several ranks, build the "
+                        f"module with TPQKNorm.from_full_weight(..., num_kv_heads=..., head_dim=...)")
+        return message
+
     def extra_repr(self) -> str:
-        return (f"q_size={self.q_size}, kv_size={self.kv_size}, eps={self.eps}, rank={self.workspace.rank}, "
+        heads = "" if self.num_kv_heads is None else f", num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        return (f"q_size={self.q_size}, kv_size={self.kv_size}{heads}, eps={self.eps}, rank={self.workspace.rank}, "
                 f"world_size={self.workspace.world_size}, path={self.workspace.path!r}")
