@@ -20,9 +20,9 @@ Times are microseconds per call (graph replay) or per phase (trace); the JSON na
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import statistics
 import sys
 from typing import Any, Dict, List
 
@@ -36,46 +36,14 @@ SWEEP_SMALL = [(16, 1, 1), (8, 2, 1), (8, 4, 1), (4, 4, 1)]
 SWEEP_LARGE = [(8, 4, 1), (8, 4, 2), (4, 4, 1), (4, 4, 2), (4, 4, 4), (2, 8, 1), (2, 8, 2), (2, 8, 4), (4, 8, 2)]
 
 
-def _graph_us(fn, calls: int = 20, replays: int = 10, samples: int = 7) -> Dict[str, float]:
-    """Per-call us of a graph of `calls` back-to-back fn() calls: median, p20, p80 over samples."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    values = []
-    for _ in range(samples):
-        torch.cuda.synchronize()
-        dist.barrier()
-        graph.replay()
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        values.append(start.elapsed_time(end) * 1e3 / (replays * calls))
-    torch.cuda.synchronize()
-    del graph
-    values.sort()
-    q = lambda f: values[min(len(values) - 1, int(f * len(values)))]  # noqa: E731
-    return {"median": statistics.median(values), "p20": q(0.2), "p80": q(0.8)}
+def _graph_us(ctx: Any, fn) -> Dict[str, float]:
+    """Per-call us of a CUDA graph of back-to-back fn() calls (the benchmark's own timing,
+    allreduce_rms.bench): median, p20 and p80 over its samples, each the slowest rank's."""
+    from allreduce_rms import bench
 
-
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _timing_max(t: Dict[str, float]) -> Dict[str, float]:
-    return {k: _max_over_ranks(v) for k, v in t.items()}
+    samples = bench._graph_samples(ctx, fn)
+    stats = [bench._median(samples), bench.percentile(samples, 20), bench.percentile(samples, 80)]
+    return dict(zip(("median", "p20", "p80"), ctx.max_over_ranks(stats)))
 
 
 def _phases(rows: torch.Tensor) -> Dict[str, Any]:
@@ -99,18 +67,19 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     import allreduce_rms
-    from allreduce_rms import _native
+    from allreduce_rms import _native, bench
     from allreduce_rms.ops import fused_plan
 
     front = _native.front()
     ws = allreduce_rms.Workspace(max_tokens=16384, path="fused", timeout_ms=20_000)
-    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+    device = torch.device("cuda", rank)
+    # graphs of 20 back-to-back calls, 10 replays per sample, 7 samples (2 for a traced pass)
+    cfg = bench.BenchConfig(device="cuda", iters=7, graph_calls=20, graph_replays=10)
+    ctx = bench._Rank(rank, world, device, cfg, None)
+    trace_ctx = bench._Rank(rank, world, device, dataclasses.replace(cfg, iters=2), None)
     out: Dict[str, Any] = {"card": torch.cuda.get_device_name(), "tp": world, "torch": torch.__version__}
 
-    out["floors_us"] = {
-        "empty_kernel": _timing_max(_graph_us(lambda: ws._native.floor(front.FLOOR_EMPTY, stream()))),
-        "value_flag_exchange": _timing_max(_graph_us(lambda: ws._native.floor(front.FLOOR_EXCHANGE, stream()))),
-    }
+    out["floors_us"] = {name: _graph_us(ctx, fn) for name, fn in bench.floor_calls(ws, device).items()}
     q_size, kv_size = 48 * 128 // world, 8 * 128 // world
     trace = torch.zeros(256, front.TRACE_POINTS, dtype=torch.int64, device="cuda")
     results: List[Dict[str, Any]] = []
@@ -121,10 +90,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         wk = torch.ones(kv_size, dtype=torch.bfloat16, device="cuda")
         call = lambda: allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, 1e-6, ws)  # noqa: E731
         entry: Dict[str, Any] = {"T": tokens, "plan": fused_plan(qkv, wq, wk, q_size, kv_size, ws)}
-        entry["graph_us"] = _timing_max(_graph_us(call))
+        entry["graph_us"] = _graph_us(ctx, call)
         ws._native.set_trace(trace.data_ptr(), trace.shape[0])
         trace.zero_()
-        _graph_us(call, samples=2)
+        bench._graph_samples(trace_ctx, call)
         ws._native.set_trace(0, 0)
         torch.cuda.synchronize()
         entry["trace_rank_us"] = _phases(trace.cpu())
@@ -134,7 +103,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                 if warps * 32 * vpt < (q_size + kv_size) // 8:
                     continue
                 front.set_plan_override(_native.dl_device_type(), warps, vpt, per_block)
-                sweep[f"{warps}x{vpt}x{per_block}"] = _timing_max(_graph_us(call))["median"]
+                sweep[f"{warps}x{vpt}x{per_block}"] = _graph_us(ctx, call)["median"]
             front.set_plan_override(_native.dl_device_type(), 0, 0, 0)
             entry["sweep_us"] = sweep
         results.append(entry)

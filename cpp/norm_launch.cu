@@ -172,8 +172,8 @@ int set_plan_override(int warps, int vpt, int tokens_per_block) {
   return ARMS_OK;
 }
 
-// Validate args and pick the launch plan for chunks of at most `chunk_tokens` tokens.
-static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk_tokens, Plan* plan) {
+// Validate args and pick the launch plan for launches of at most `chunk` tokens.
+static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan) {
   if (a->num_segments < 1 || a->num_segments > ARMS_MAX_SEGMENTS)
     return fail(ARMS_INVALID_ARGUMENT, "num_segments must be 1 or 2");
   if (a->dtype != ARMS_F32 && a->dtype != ARMS_F16 && a->dtype != ARMS_BF16)
@@ -200,7 +200,7 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk_tokens, Plan
   plan->vec = wide ? vec_wide : 1;
   const int64_t row_vecs = row_elems / plan->vec;
   const DeviceLimits limits = device_limits(a->device);
-  Shape shape = choose_shape(row_vecs, std::min<int64_t>(a->tokens, chunk_tokens), wide, limits.sms);
+  Shape shape = choose_shape(row_vecs, std::min<int64_t>(a->tokens, chunk), wide, limits.sms);
   if (override_warps > 0) shape.warps = override_warps;
   if (override_vpt > 0 && wide) shape.vpt = override_vpt;
   if (override_tokens_per_block > 0) shape.tokens_per_block = override_tokens_per_block;
@@ -222,6 +222,11 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk_tokens, Plan
   return ARMS_OK;
 }
 
+// Tokens of one launch: the Lamport slots hold `capacity` tokens, so larger fused calls run as
+// consecutive launches, each a full exchange with its own epoch; local modes (capacity 0) need
+// no chunking beyond int32 token counts.
+static int64_t chunk_tokens(int capacity) { return capacity > 0 ? capacity : int64_t{1} << 30; }
+
 // Blocks of one launch: one per tokens_per_block tokens, at most as many as are co-resident.
 // Every block of a spinning launch must be resident at once, or a block waiting for a peer could
 // keep the block the peer is waiting for from ever being scheduled.
@@ -233,7 +238,7 @@ static int grid_for(int64_t tokens, const Plan& plan) {
 int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
   if (!out) return fail(ARMS_INVALID_ARGUMENT, "plan: out is null");
   if (int status = use_device(a->device)) return status;
-  const int64_t chunk = capacity > 0 ? capacity : (int64_t{1} << 30);
+  const int64_t chunk = chunk_tokens(capacity);
   Plan plan;
   if (int status = make_plan(a, capacity > 0 ? ARMS_MODE_LAMPORT : a->mode, chunk, &plan)) return status;
   const int64_t first = std::min<int64_t>(a->tokens, chunk);
@@ -250,9 +255,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   const int mode = lamport ? ARMS_MODE_LAMPORT : a->mode;
   if (mode < ARMS_MODE_LOCAL || mode > ARMS_MODE_LAMPORT || (mode == ARMS_MODE_LAMPORT && !lamport))
     return fail(ARMS_INVALID_ARGUMENT, "invalid mode for this entry point");
-  // The Lamport slots hold `capacity` tokens: larger calls run as consecutive launches, each one
-  // a full exchange with its own epoch. Local modes need no chunking beyond int32 token counts.
-  const int64_t chunk_max = lamport ? lamport->capacity : (int64_t{1} << 30);
+  const int64_t chunk_max = chunk_tokens(lamport ? lamport->capacity : 0);
   if (a->tokens == 0 && a->num_segments >= 1 && a->num_segments <= ARMS_MAX_SEGMENTS) return ARMS_OK;  // empty tensors may have null pointers
   Plan plan;
   if (int status = make_plan(a, mode, chunk_max, &plan)) return status;

@@ -511,14 +511,19 @@ def measure_floors(ctx: _Rank, spaces: Dict[str, Any]) -> Optional[Dict[str, Any
     ws = spaces.get("fused")
     if not ctx.cuda or ws is None or ws.path != "fused":
         return None
+    return {f"{name}_us": ctx.max_over_ranks([_time_graph(ctx, fn)])[0]
+            for name, fn in floor_calls(ws, ctx.device).items()}
+
+
+def floor_calls(ws: Any, device: torch.device) -> Dict[str, Callable[[], Any]]:
+    """One launch of each floor probe on a fused workspace's device and peers, by name:
+    ``empty_kernel`` and ``value_flag_exchange`` (see :func:`measure_floors`)."""
     from . import _native
 
     front = _native.front()
-    floors: Dict[str, Any] = {}
-    for name, kind in (("empty_kernel_us", front.FLOOR_EMPTY), ("value_flag_exchange_us", front.FLOOR_EXCHANGE)):
-        fn = lambda kind=kind: ws._native.floor(kind, torch.cuda.current_stream(ctx.device).cuda_stream)  # noqa: E731
-        floors[name] = ctx.max_over_ranks([_time_graph(ctx, fn)])[0]
-    return floors
+    stream = lambda: torch.cuda.current_stream(device).cuda_stream  # noqa: E731
+    return {"empty_kernel": lambda: ws._native.floor(front.FLOOR_EMPTY, stream()),
+            "value_flag_exchange": lambda: ws._native.floor(front.FLOOR_EXCHANGE, stream())}
 
 
 # ----------------------------------------------------------------------------- the baselines
