@@ -9,7 +9,8 @@ per call (a loop of --calls calls, then a device synchronize and a barrier; medi
 * the primitives a call is made of: ``torch.empty``, ``torch.cuda.current_stream()``, the raw
   stream handle, a column view, ``data_ptr()``, ``os.environ.get``;
 * the native launch alone, its arguments computed once (the front module crossing plus the
-  backend's launch, no Python validation, no allocation);
+  backend's launch, no Python validation, no allocation), with 21 arguments and as the hot
+  path's prepared launch (allreduce_rms._hot_path) with 7, and the hot path's key;
 * the public calls: ``rms_norm`` and ``qk_norm``, out of place and in place, and the same calls
   through ``torch.ops.allreduce_rms.*`` (the custom ops torch.compile traces to).
 
@@ -98,6 +99,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         native_args = (2, 2, tokens, 1e-6, stream, base, base, wq.data_ptr(), 2, stride, stride, q_size,
                        q_size * world, base + 2 * q_size, base + 2 * q_size, wk.data_ptr(), 2, stride, stride,
                        kv_size, kv_size * world)
+        from allreduce_rms import _hot_path
+
+        allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, 1e-6, ws, inplace=True)  # remembers the shape
+        hot_key = lambda: _hot_path.qk_norm_key(qkv, wq, wk, q_size, kv_size, 1e-6, True)  # noqa: E731
+        entry = ws._hot_calls[hot_key()]
+        k_ptr = base + 2 * q_size
         parts: Dict[str, Callable[[], Any]] = {
             "eager_floor: x.add_(0)": lambda: x.add_(0),
             "torch.empty([T, q_size])": lambda: torch.empty((tokens, q_size), dtype=torch.bfloat16, device=device),
@@ -106,7 +113,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             "column view qkv[..., :q_size]": lambda: qkv[..., :q_size],
             "data_ptr()": qkv.data_ptr,
             "os.environ.get": lambda: os.environ.get("ALLREDUCE_RMS_DEBUG", "0"),
-            "native launch only (qk_norm in place)": lambda: ws._native.launch(*native_args),
+            "x.new_empty(T, q_size)": lambda: qkv.new_empty(tokens, q_size),
+            "as_strided column view": lambda: qkv.as_strided((tokens, q_size), (stride, 1)),
+            "hot-path key + lookup (qk_norm)": lambda: ws._hot_calls.get(hot_key()),
+            "native launch, 21 arguments (qk_norm in place)": lambda: ws._native.launch(*native_args),
+            "prepared launch, 7 arguments (qk_norm in place)":
+                lambda: entry.launch(stream, tokens, base, base, k_ptr, wq.data_ptr(), wk.data_ptr()),
             "rms_norm out of place": lambda: allreduce_rms.rms_norm(x, wq, 1e-6, ws),
             "rms_norm in place (out=x)": lambda: allreduce_rms.rms_norm(x, wq, 1e-6, ws, out=x),
             "qk_norm out of place": lambda: allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, 1e-6, ws),
