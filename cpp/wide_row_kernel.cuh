@@ -167,6 +167,10 @@ __device__ __forceinline__ void normalize_row(const KernelSegment& g, const type
   if (s.tail + static_cast<int>(threadIdx.x) < s.width) edge(s.tail + threadIdx.x);
 }
 
+// Two blocks per SM (the occupancy hint caps registers at 64 per thread on NVIDIA): rows stream
+// through memory here, so warps in flight matter more than registers. At 512 threads and no hint,
+// ptxas took 97 registers (one block, 16 warps per SM); with it, a few words of per-launch state
+// spill (to L1, touched once per token, not per element).
 template <class D, int MODE>
 __global__ void __launch_bounds__(kWideRowThreads, 2) wide_row_kernel(const KernelParams p) {
   constexpr int VEC = 16 / sizeof(typename D::storage);
