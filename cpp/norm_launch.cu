@@ -85,7 +85,7 @@ DeviceLimits device_limits(int device) {
   DeviceLimits limits;
   cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device);
   if (cudaDeviceGetAttribute(&limits.l2_bytes, cudaDevAttrL2CacheSize, device) != platform::kSuccess) {
-    cudaGetLastError();
+    (void)cudaGetLastError();  // clear it: no L2 size only means no L2 clamp of the wide-row grid
     limits.l2_bytes = 0;
   }
   limits.pdl = platform::device_supports_pdl(device);
