@@ -123,6 +123,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             "rms_norm in place (out=x)": lambda: allreduce_rms.rms_norm(x, wq, 1e-6, ws, out=x),
             "qk_norm out of place": lambda: allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, 1e-6, ws),
             "qk_norm in place": lambda: allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, 1e-6, ws, inplace=True),
+            "empty kernel launch (backend floor_launch, PDL)": lambda: ws._native.floor(native.FLOOR_EMPTY, stream),
+            "torch.ops qk_norm.default": lambda: ops.qk_norm.default(qkv, wq, wk, q_size, kv_size, 1e-6, key),
             "torch.ops rms_norm": lambda: ops.rms_norm(x, wq, 1e-6, key),
             "torch.ops qk_norm": lambda: ops.qk_norm(qkv, wq, wk, q_size, kv_size, 1e-6, key),
             "torch.ops qk_norm_ (in place)": lambda: ops.qk_norm_(qkv, wq, wk, q_size, kv_size, 1e-6, key),

@@ -8,8 +8,8 @@ one call (a loop of :data:`CALLS` calls, then a synchronize and a barrier; media
 
 * the public functions ``allreduce_rms.rms_norm`` / ``qk_norm``, out of place and in place
   (method ``"fused"``);
-* the same calls through ``torch.ops.allreduce_rms.*``, what ``torch.compile`` traces to
-  (method ``"fused_custom_op"``; rms_norm has no in-place op);
+* the same calls through ``torch.ops.allreduce_rms.*.default``, the op overloads a
+  ``torch.compile`` graph calls (method ``"fused_custom_op"``; rms_norm has no in-place op);
 * ``x.add_(0)`` on a tensor of the same device (method ``"eager_floor"``): the cost of the
   cheapest torch op on this host, the unit of the targets.
 
@@ -58,9 +58,9 @@ def _calls(ws: Any, qkv: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, wk: to
         ("fused", "rms_norm in place", lambda: allreduce_rms.rms_norm(x, wq, EPS, ws, out=x)),
         ("fused", "qk_norm", lambda: allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, EPS, ws)),
         ("fused", "qk_norm in place", lambda: allreduce_rms.qk_norm(qkv, wq, wk, q_size, kv_size, EPS, ws, inplace=True)),
-        ("fused_custom_op", "rms_norm", lambda: ops.rms_norm(x, wq, EPS, key)),
-        ("fused_custom_op", "qk_norm", lambda: ops.qk_norm(qkv, wq, wk, q_size, kv_size, EPS, key)),
-        ("fused_custom_op", "qk_norm in place", lambda: ops.qk_norm_(qkv, wq, wk, q_size, kv_size, EPS, key)),
+        ("fused_custom_op", "rms_norm", lambda: ops.rms_norm.default(x, wq, EPS, key)),
+        ("fused_custom_op", "qk_norm", lambda: ops.qk_norm.default(qkv, wq, wk, q_size, kv_size, EPS, key)),
+        ("fused_custom_op", "qk_norm in place", lambda: ops.qk_norm_.default(qkv, wq, wk, q_size, kv_size, EPS, key)),
     ]
 
 
