@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define ARMS_BACKEND_ABI_VERSION 3 /* 2: resources(); 3: value+flag packets, plan, trace, floor */
+#define ARMS_BACKEND_ABI_VERSION 4 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants */
 #define ARMS_BACKEND_SYMBOL "arms_backend_api"
 #define ARMS_MAX_RANKS 8
 #define ARMS_MAX_SEGMENTS 2
@@ -43,6 +43,22 @@ typedef enum ArmsMode {
 
 typedef enum ArmsOp { ARMS_OP_RMS_NORM = 1, ARMS_OP_QK_NORM = 2 } ArmsOp;
 
+/* ArmsSegment.flags: the norm variants (ABI 4). With n = x * rsqrt(sum_sq / full_width + eps) and
+ * w = weight_offset + weight, all float32:
+ *   GATE_BEFORE (Mamba2):          x is replaced by x * act(gate) before the statistic;
+ *   GATE_AFTER (MiniMax-Text-01):  the output is multiplied by act(gate);
+ *   GATE_SIGMOID:                  act = sigmoid (else silu);
+ *   WEIGHT_IN_INPUT_DTYPE:         y = rnd(rnd(w) * rnd(n)), and with GATE_AFTER
+ *                                  rnd(rnd_gate(act(gate)) * y) (rnd: to the activation dtype,
+ *                                  rnd_gate: to the gate's), as Hugging Face's RMSNorms round;
+ *                                  else y = rnd(n * w [* act(gate)]), rounded once. */
+typedef enum ArmsVariantFlags {
+  ARMS_GATE_BEFORE = 1,
+  ARMS_GATE_AFTER = 2,
+  ARMS_GATE_SIGMOID = 4,
+  ARMS_WEIGHT_IN_INPUT_DTYPE = 8
+} ArmsVariantFlags;
+
 /* One normalized column range of a row-major [T, *] tensor. in and out may alias (in-place). */
 typedef struct ArmsSegment {
   const void* in;
@@ -50,9 +66,19 @@ typedef struct ArmsSegment {
   const void* weight;  /* [width], contiguous, dtype weight_dtype */
   int64_t in_row_stride;  /* elements between consecutive tokens */
   int64_t out_row_stride;
-  int32_t width;       /* columns on this rank */
-  int32_t full_width;  /* columns over all ranks: the mean divides by this */
+  int32_t width;       /* columns on this rank (of one group when groups_in_row > 1) */
+  int32_t full_width;  /* the count the sum of squares is divided by (the full width over all
+                        * ranks, a group's width, or a norm_width that leaves out padding) */
   int32_t weight_dtype;
+  int32_t flags;       /* ArmsVariantFlags (ABI 4; was reserved, always 0) */
+  /* ABI 4: the variants. Zero / NULL / 0.0 / 1 leave a plain RMSNorm. */
+  const void* gate;        /* [T, width * groups_in_row] rows of gate_dtype, or NULL */
+  int64_t gate_row_stride; /* elements between consecutive tokens of gate */
+  int32_t gate_dtype;
+  float weight_offset;     /* the output uses weight_offset + weight */
+  int32_t groups_in_row;   /* > 1: each row is that many independent groups of `width` columns,
+                            * each with its own statistic, weight slice and gate slice (LOCAL,
+                            * STATS_OUT and STATS_IN modes; stats then hold one value per group) */
   int32_t reserved;
 } ArmsSegment;
 
@@ -67,6 +93,11 @@ typedef struct ArmsNormArgs {
   int32_t device;
   float* stats;  /* [tokens, num_segments] fp32, for STATS_OUT / STATS_IN */
   void* stream;  /* cudaStream_t / hipStream_t */
+  /* ABI 4. LAMPORT mode: > 0 when the statistic of a row adds up only the partials of
+   * rank_group consecutive ranks (the group holding this rank: a normalization group that
+   * covers whole ranks); 0: all ranks. */
+  int32_t rank_group;
+  int32_t reserved;
 } ArmsNormArgs;
 
 /* What a workspace records when a peer never wrote within the timeout. */

@@ -12,6 +12,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <array>
@@ -315,6 +316,47 @@ class PreparedNorm {
   ArmsNormArgs args_;
 };
 
+// One segment of a variant launch, as the Python layer passes it: (in, out, weight, weight dtype,
+// in row stride, out row stride, width, full width (the divisor), gate, gate row stride, gate
+// dtype, ArmsVariantFlags, weight offset, groups in a row).
+using VariantSegment = std::tuple<uintptr_t, uintptr_t, uintptr_t, int, int64_t, int64_t, int, int, uintptr_t, int64_t,
+                                  int, int, float, int>;
+
+// A launch with the norm variants (ABI 4): fused on `workspace` (a NativeWorkspace) or, with
+// None, a local launch in `mode` (LOCAL, STATS_OUT, STATS_IN). rank_group: see ArmsNormArgs.
+void launch_variant(nb::object workspace, int device_type, int device, int mode, int dtype, int64_t tokens, float eps,
+                    uintptr_t stats, uintptr_t stream, int rank_group, const std::vector<VariantSegment>& segments) {
+  if (segments.empty() || segments.size() > ARMS_MAX_SEGMENTS) throw nb::value_error("one or two segments");
+  ArmsNormArgs a = {};
+  a.num_segments = static_cast<int32_t>(segments.size());
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const auto& [in, out, w, wdt, is, os, width, full, gate, gs, gdt, flags, offset, groups] = segments[i];
+    ArmsSegment& g = a.segment[i];
+    g = segment(in, out, w, wdt, is, os, width, full);
+    g.gate = reinterpret_cast<const void*>(gate);
+    g.gate_row_stride = gs;
+    g.gate_dtype = gdt;
+    g.flags = flags;
+    g.weight_offset = offset;
+    g.groups_in_row = groups;
+  }
+  a.dtype = dtype;
+  a.tokens = tokens;
+  a.eps = eps;
+  a.mode = workspace.is_none() ? mode : ARMS_MODE_LAMPORT;
+  a.op = segments.size() == 2 ? ARMS_OP_QK_NORM : ARMS_OP_RMS_NORM;
+  a.device = device;
+  a.stats = reinterpret_cast<float*>(stats);
+  a.stream = reinterpret_cast<void*>(stream);
+  a.rank_group = rank_group;
+  if (workspace.is_none()) {
+    const ArmsBackendApi& api = backend(device_type);
+    check(api, api.norm(&a));
+  } else {
+    nb::cast<NativeWorkspace*>(workspace)->launch_args(a);
+  }
+}
+
 // Tuning: force the plan of every later launch of this backend (0, 0: automatic).
 void set_plan_override(int device_type, int warps_per_token, int vectors_per_thread, int tokens_per_block) {
   const ArmsBackendApi& api = backend(device_type);
@@ -403,6 +445,16 @@ NB_MODULE(_front, m) {
   m.def("backend_resources", &backend_resources, nb::arg("device_type"),
         "Live workspaces, open peer IPC mappings and workspace device bytes, over the whole process.");
   m.def("launch_local", &launch_local, "Local launch (no communication) with raw pointers.");
+  m.def("launch_variant", &launch_variant, nb::arg("workspace").none(), nb::arg("device_type"), nb::arg("device"),
+        nb::arg("mode"), nb::arg("dtype"), nb::arg("tokens"), nb::arg("eps"), nb::arg("stats"), nb::arg("stream"),
+        nb::arg("rank_group"), nb::arg("segments"),
+        "A launch with the norm variants: fused on a NativeWorkspace, or local (None) in `mode`; "
+        "segments: (in, out, weight, weight_dtype, in_stride, out_stride, width, full_width, gate, gate_stride, "
+        "gate_dtype, flags, weight_offset, groups_in_row) per segment.");
+  m.attr("GATE_BEFORE") = static_cast<int>(ARMS_GATE_BEFORE);
+  m.attr("GATE_AFTER") = static_cast<int>(ARMS_GATE_AFTER);
+  m.attr("GATE_SIGMOID") = static_cast<int>(ARMS_GATE_SIGMOID);
+  m.attr("WEIGHT_IN_INPUT_DTYPE") = static_cast<int>(ARMS_WEIGHT_IN_INPUT_DTYPE);
   m.def("set_plan_override", &set_plan_override, nb::arg("device_type"), nb::arg("warps_per_token"),
         nb::arg("vectors_per_thread"), nb::arg("tokens_per_block") = 0,
         "Tuning: force warps per token, vectors per thread and tokens per block (0: automatic).");

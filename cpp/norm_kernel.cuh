@@ -38,6 +38,14 @@ struct KernelSegment {
   int32_t vecs;  // vectors of this segment in one row
   int32_t weight_dtype;
   float inv_full_width;
+  // The variants (ArmsSegment, ABI 4): only the wide-row kernel reads these; the launcher sends
+  // every call that sets one of them there.
+  const void* gate;
+  int64_t gate_stride;
+  int32_t gate_dtype;
+  int32_t flags;          // ArmsVariantFlags
+  float weight_offset;
+  int32_t groups_in_row;  // 1, or independent groups of `vecs` columns per row (token = row * groups + group)
 };
 
 struct KernelParams {
@@ -47,6 +55,8 @@ struct KernelParams {
   int32_t tokens;
   float eps;
   float* stats;  // [tokens, num_segments]
+  int32_t rank_first;  // LAMPORT: the statistic adds the partials of ranks [rank_first, rank_first + rank_count)
+  int32_t rank_count;
   LamportParams lamport;
 };
 
@@ -133,7 +143,9 @@ __device__ __forceinline__ float2 exchanged_sums(const KernelParams& p, const Ep
   const int lane = threadIdx.x % platform::kWarpSize;
   const float2 v = receive_partials(p.lamport, e, token, p.tokens, p.num_segments, partial.x, partial.y, lane);
   float2 total = make_float2(0.f, 0.f);
-  for (int r = 0; r < p.lamport.nranks; ++r) {  // every rank adds the same N values in this order
+  // every rank of the group (all ranks, or the rank_group of a normalization group that covers
+  // whole ranks) adds the same values in this order
+  for (int r = p.rank_first; r < p.rank_first + p.rank_count; ++r) {
     total.x += platform::warp_shfl(v.x, r);
     total.y += platform::warp_shfl(v.y, r);
   }

@@ -228,6 +228,27 @@ static int make_wide_row_plan(const ArmsNormArgs* a, int mode, int64_t row_elems
   return ARMS_OK;
 }
 
+// The variant fields of one segment (ABI 4): known flags, one gate position, a gate where a
+// flag needs one, groups only where no exchange happens (a group inside one rank needs none).
+static int check_variant(const ArmsSegment& g, int mode) {
+  constexpr int kKnown = ARMS_GATE_BEFORE | ARMS_GATE_AFTER | ARMS_GATE_SIGMOID | ARMS_WEIGHT_IN_INPUT_DTYPE;
+  if (g.flags & ~kKnown) return fail(ARMS_INVALID_ARGUMENT, "unknown variant flags");
+  const int gated = g.flags & (ARMS_GATE_BEFORE | ARMS_GATE_AFTER);
+  if (gated == (ARMS_GATE_BEFORE | ARMS_GATE_AFTER))
+    return fail(ARMS_INVALID_ARGUMENT, "a gate goes either before or after the norm, not both");
+  if (gated) {
+    if (!g.gate) return fail(ARMS_INVALID_ARGUMENT, "a gate flag without a gate tensor");
+    if (g.gate_dtype != ARMS_F32 && g.gate_dtype != ARMS_F16 && g.gate_dtype != ARMS_BF16)
+      return fail(ARMS_INVALID_ARGUMENT, "unsupported gate dtype");
+    if (!aligned_to(g.gate, element_bytes(g.gate_dtype)))
+      return fail(ARMS_INVALID_ARGUMENT, "tensor pointer not aligned to its element size");
+  }
+  if (g.groups_in_row < 0) return fail(ARMS_INVALID_ARGUMENT, "groups_in_row must be >= 0");
+  if (g.groups_in_row > 1 && mode == ARMS_MODE_LAMPORT)
+    return fail(ARMS_INVALID_ARGUMENT, "groups inside one rank need no exchange: launch them locally");
+  return ARMS_OK;
+}
+
 // Validate args and pick the launch plan for launches of at most `chunk` tokens.
 static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan) {
   if (a->num_segments < 1 || a->num_segments > ARMS_MAX_SEGMENTS)
@@ -240,10 +261,14 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   const int esize = element_bytes(a->dtype);
   const int vec_wide = 16 / esize;
   bool wide = true;
+  bool variant = a->rank_group > 0;  // any variant goes to the wide-row kernel, which has them all
+  if (a->rank_group < 0) return fail(ARMS_INVALID_ARGUMENT, "rank_group must be >= 0");
   int64_t row_elems = 0;
   for (int s = 0; s < a->num_segments; ++s) {
     const ArmsSegment& g = a->segment[s];
-    if (g.width <= 0 || g.full_width < g.width) return fail(ARMS_INVALID_ARGUMENT, "segment widths must be positive");
+    if (g.width <= 0 || g.full_width <= 0) return fail(ARMS_INVALID_ARGUMENT, "segment widths must be positive");
+    if (int status = check_variant(g, mode)) return status;
+    variant = variant || g.flags != 0 || g.weight_offset != 0.f || g.groups_in_row > 1;
     if (!g.in || (mode != ARMS_MODE_STATS_OUT && (!g.out || !g.weight)))
       return fail(ARMS_INVALID_ARGUMENT, "null tensor pointer");
     if (g.weight_dtype != ARMS_F32 && g.weight_dtype != ARMS_F16 && g.weight_dtype != ARMS_BF16)
@@ -273,7 +298,7 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   plan->block = shape.warps * warp;
   plan->vpt = shape.vpt;
   if (plan->block > kMaxBlockThreads || static_cast<int64_t>(plan->block) * shape.vpt < row_vecs ||
-      override_vpt == kWideRowVpt)
+      override_vpt == kWideRowVpt || variant)
     return make_wide_row_plan(a, mode, row_elems, limits, plan);
   plan->fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, shape.vpt, mode)
            : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, shape.vpt, mode)
@@ -337,23 +362,48 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
     k.vecs = g.width / plan.vec;  // the wide-row kernel (vec 1): the width in elements
     k.weight_dtype = g.weight_dtype;
     k.inv_full_width = 1.0f / static_cast<float>(g.full_width);
+    k.gate = g.gate;
+    k.gate_stride = g.gate_row_stride;
+    k.gate_dtype = g.gate_dtype;
+    k.flags = g.flags;
+    k.weight_offset = g.weight_offset;
+    k.groups_in_row = g.groups_in_row > 1 ? g.groups_in_row : 1;
     row_vecs += k.vecs;
   }
   p.row_vecs = static_cast<int32_t>(row_vecs);
-  if (lamport) p.lamport = *lamport;
+  // groups inside one rank: each row is `groups` kernel rows (check_variant allows them with one
+  // segment's worth of groups only outside LAMPORT mode, so chunks stay whole rows)
+  const int groups = a->num_segments == 1 ? p.seg[0].groups_in_row : 1;
+  if (a->num_segments == 2 && (p.seg[0].groups_in_row > 1 || p.seg[1].groups_in_row > 1))
+    return fail(ARMS_INVALID_ARGUMENT, "groups_in_row needs a single segment");
+  if (a->tokens * groups >= (int64_t{1} << 31))
+    return fail(ARMS_INVALID_ARGUMENT, "tokens * groups_in_row must stay below 2^31");
+  p.rank_first = 0;
+  p.rank_count = lamport ? lamport->nranks : 1;
+  if (lamport) {
+    p.lamport = *lamport;
+    if (a->rank_group > 0) {
+      if (lamport->nranks % a->rank_group != 0)
+        return fail(ARMS_INVALID_ARGUMENT, "rank_group must divide the number of ranks");
+      p.rank_first = lamport->rank / a->rank_group * a->rank_group;
+      p.rank_count = a->rank_group;
+    }
+  }
 
   const int esize = element_bytes(a->dtype);
   platform::Stream stream = static_cast<platform::Stream>(a->stream);
   for (int64_t start = 0; start < a->tokens; start += chunk_max) {
     const int64_t tokens = a->tokens - start < chunk_max ? a->tokens - start : chunk_max;
     KernelParams chunk = p;
-    chunk.tokens = static_cast<int32_t>(tokens);
+    chunk.tokens = static_cast<int32_t>(tokens * groups);
     for (int s = 0; s < a->num_segments; ++s) {
       const ArmsSegment& g = a->segment[s];
       chunk.seg[s].in = static_cast<const char*>(g.in) + start * g.in_row_stride * esize;
       chunk.seg[s].out = g.out ? static_cast<char*>(g.out) + start * g.out_row_stride * esize : nullptr;
+      if (g.gate)
+        chunk.seg[s].gate = static_cast<const char*>(g.gate) + start * g.gate_row_stride * element_bytes(g.gate_dtype);
     }
-    if (a->stats) chunk.stats = a->stats + start * a->num_segments;
+    if (a->stats) chunk.stats = a->stats + start * groups * a->num_segments;
     const int grid = grid_for(tokens, plan);
     ARMS_RT(platform::launch(plan.fn, grid, plan.block, stream, plan.pdl, chunk), "launching the norm kernel");
   }

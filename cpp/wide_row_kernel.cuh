@@ -10,6 +10,13 @@
 //
 // in every mode (ArmsMode: LOCAL, STATS_OUT, STATS_IN, LAMPORT) with the same KernelParams.
 //
+// It also computes every norm variant (ArmsVariantFlags, backend_api.h; the launcher sends every
+// call that uses one here): a gate before the statistic (x * act(gate)) or after the norm, a
+// weight offset, the Hugging Face rounding (weight_in_input_dtype), groups of columns inside one
+// rank (groups_in_row: each group a kernel row of its own), and a statistic over a group of ranks
+// (rank_first / rank_count). The formulas, in the order that decides the bits, are those of
+// allreduce_rms.fallback.normalize_variant, which the tests hold both to.
+//
 // Work layout: one block is one token at a time; a block walks t = blockIdx.x, + gridDim.x, ...
 // (the grid clamped by the launcher to co-resident blocks, as for norm_kernel). Per token:
 //   pass 1  row_sum_of_squares: walk each segment's row in column chunks, accumulating fp32
@@ -60,21 +67,122 @@ __device__ __forceinline__ RowSplit row_split(const typename D::storage* row, in
   return RowSplit{head, vecs, head + vecs * VEC, width};
 }
 
+// Kernel row t of a segment: token t, or with groups_in_row = G > 1, group t % G of token t / G
+// (G groups of g.vecs columns side by side). Returns the element offset of that row in a tensor of
+// row stride `stride`; the group's first column (of the weight) goes to *group_col.
+__device__ __forceinline__ int64_t row_offset(const KernelSegment& g, int t, int64_t stride, int64_t* group_col) {
+  if (g.groups_in_row == 1) {
+    *group_col = 0;
+    return static_cast<int64_t>(t) * stride;
+  }
+  const int token = t / g.groups_in_row;
+  *group_col = static_cast<int64_t>(t - token * g.groups_in_row) * g.vecs;
+  return static_cast<int64_t>(token) * stride + *group_col;
+}
+
 template <class D>
 __device__ __forceinline__ const typename D::storage* input_row(const KernelSegment& g, int token) {
-  return static_cast<const typename D::storage*>(g.in) + static_cast<int64_t>(token) * g.in_stride;
+  int64_t col;
+  return static_cast<const typename D::storage*>(g.in) + row_offset(g, token, g.in_stride, &col);
 }
 
 template <class D>
 __device__ __forceinline__ typename D::storage* output_row(const KernelSegment& g, int token) {
-  return static_cast<typename D::storage*>(g.out) + static_cast<int64_t>(token) * g.out_stride;
+  int64_t col;
+  return static_cast<typename D::storage*>(g.out) + row_offset(g, token, g.out_stride, &col);
+}
+
+// The gate row of kernel row t (as bytes: the gate has its own dtype), or null without a gate.
+__device__ __forceinline__ const void* gate_row(const KernelSegment& g, int token) {
+  if (!(g.flags & (ARMS_GATE_BEFORE | ARMS_GATE_AFTER))) return nullptr;
+  int64_t col;
+  const int bytes = g.gate_dtype == ARMS_F32 ? 4 : 2;
+  return static_cast<const char*>(g.gate) + row_offset(g, token, g.gate_stride, &col) * bytes;
+}
+
+// act(gate) in float32: silu(v) = v / (1 + e^-v), or sigmoid(v) = 1 / (1 + e^-v) (torch's formulas).
+__device__ __forceinline__ float gate_activation(float v, int flags) {
+  const float d = 1.f + expf(-v);
+  return (flags & ARMS_GATE_SIGMOID) ? 1.f / d : v / d;
+}
+
+// v rounded to a storage dtype (an ArmsDType) and back to float32.
+__device__ __forceinline__ float round_to(int dtype, float v) {
+  if (dtype == ARMS_BF16) return BF16::to_float(BF16::from_float(v));
+  if (dtype == ARMS_F16) return F16::to_float(F16::from_float(v));
+  return v;
+}
+
+// One output element of the variants: n = x * scale (x already gated when the gate comes first),
+// w the weight as read, a = act(gate) (for a gate after the norm). Plain RMSNorm (no flags,
+// offset 0) is n * w, as in norm_kernel.
+template <class D>
+__device__ __forceinline__ float variant_output(const KernelSegment& g, float n, float w, float a) {
+  w += g.weight_offset;
+  if (!(g.flags & ARMS_WEIGHT_IN_INPUT_DTYPE)) {
+    const float y = n * w;
+    return (g.flags & ARMS_GATE_AFTER) ? y * a : y;
+  }
+  // Hugging Face's rounding: each factor rounded to its dtype, each product exact in float32
+  // and rounded once (as a half-precision multiply in torch is)
+  const float y = round_to(D::code, round_to(D::code, w) * round_to(D::code, n));
+  return (g.flags & ARMS_GATE_AFTER) ? round_to(D::code, round_to(g.gate_dtype, a) * y) : y;
+}
+
+__device__ __forceinline__ bool aligned16_at(const void* base, int64_t col, int elem_bytes) {
+  return ((reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(col * elem_bytes)) & 15u) == 0;
+}
+
+// Weights of columns [col, col + N) as floats: one vector access when `aligned` (the caller
+// checked the address of the first column; later columns keep it, N weights at a time), else N
+// element accesses.
+template <int N>
+__device__ __forceinline__ void load_weight_at(const void* base, int dtype, int64_t col, bool aligned, float (&w)[N]) {
+  if (aligned) {
+    load_weight<N>(base, dtype, col, w);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) load_weight<1>(base, dtype, col + k, &w[k]);
+  }
+}
+
+// row_sum_of_squares with a gate before the norm: the squares of x * act(gate). The gate row has
+// its own dtype and alignment: vector reads where it is aligned at the row's first middle column.
+template <class D, int VEC>
+__device__ __forceinline__ float gated_row_sum_of_squares(const typename D::storage* row, const RowSplit& s,
+                                                          const void* gate, int gate_dtype, int flags) {
+  const bool gate_vector = aligned16_at(gate, s.head, gate_dtype == ARMS_F32 ? 4 : 2);
+  float acc = 0.f;
+  for (int j = threadIdx.x; j < s.vecs; j += blockDim.x) {
+    Vec<D, VEC> x;
+    x.load(row + s.head + j * VEC);
+    float a[VEC];
+    load_weight_at<VEC>(gate, gate_dtype, s.head + j * VEC, gate_vector, a);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float v = x.get(k) * gate_activation(a[k], flags);
+      acc = fmaf(v, v, acc);
+    }
+  }
+  auto edge = [&](int col) {
+    float a[1];
+    load_weight<1>(gate, gate_dtype, col, a);
+    const float v = D::to_float(row[col]) * gate_activation(a[0], flags);
+    acc = fmaf(v, v, acc);
+  };
+  if (static_cast<int>(threadIdx.x) < s.head) edge(threadIdx.x);
+  if (s.tail + static_cast<int>(threadIdx.x) < s.width) edge(s.tail + threadIdx.x);
+  return acc;
 }
 
 // This thread's fp32 sum of squares of one segment's row (pass 1). The middle goes in steps of
 // kWideRowUnroll vectors per thread (loads first, then the math, so the loads overlap), each into
-// its own accumulator; the head and tail elements, fewer than VEC each, one per thread.
+// its own accumulator; the head and tail elements, fewer than VEC each, one per thread. With a
+// gate before the norm (gate non-null), the squares are of x * act(gate).
 template <class D, int VEC>
-__device__ __forceinline__ float row_sum_of_squares(const typename D::storage* row, const RowSplit& s) {
+__device__ __forceinline__ float row_sum_of_squares(const typename D::storage* row, const RowSplit& s,
+                                                    const void* gate, int gate_dtype, int flags) {
+  if (gate) return gated_row_sum_of_squares<D, VEC>(row, s, gate, gate_dtype, flags);
   float acc[kWideRowUnroll] = {};
   const int step = kWideRowUnroll * static_cast<int>(blockDim.x);
   for (int j0 = threadIdx.x; j0 < s.vecs; j0 += step) {
@@ -105,21 +213,24 @@ __device__ __forceinline__ float row_sum_of_squares(const typename D::storage* r
   return total;
 }
 
-// Weights of columns [col, col + N) as floats: one vector access when `aligned` (the caller
-// checked the address of the first column; later columns keep it, N weights at a time), else N
-// element accesses.
-template <int N>
-__device__ __forceinline__ void load_weight_at(const void* base, int dtype, int64_t col, bool aligned, float (&w)[N]) {
-  if (aligned) {
-    load_weight<N>(base, dtype, col, w);
-  } else {
-#pragma unroll
-    for (int k = 0; k < N; ++k) load_weight<1>(base, dtype, col + k, &w[k]);
+// Pass 2 of a row with a variant (see variant_output): x re-read from `in`, the gate from `gate`
+// (null without one), weights from column w_col on; element by element in the middle too, where
+// the gate's and the weight's alignment may differ from the input's.
+template <class D, int VEC>
+__device__ __forceinline__ void normalize_variant_row(const KernelSegment& g, const typename D::storage* in,
+                                                      typename D::storage* out, const void* gate, int64_t w_col,
+                                                      const RowSplit& s, float scale) {
+  const bool before = g.flags & ARMS_GATE_BEFORE;
+  for (int col = threadIdx.x; col < s.width; col += blockDim.x) {
+    float w[1], a[1] = {0.f};
+    load_weight<1>(g.weight, g.weight_dtype, w_col + col, w);
+    if (gate) {
+      load_weight<1>(gate, g.gate_dtype, col, a);
+      a[0] = gate_activation(a[0], g.flags);
+    }
+    const float x = before ? D::to_float(in[col]) * a[0] : D::to_float(in[col]);
+    out[col] = D::from_float(variant_output<D>(g, x * scale, w[0], a[0]));
   }
-}
-
-__device__ __forceinline__ bool aligned16_at(const void* base, int64_t col, int elem_bytes) {
-  return ((reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(col * elem_bytes)) & 15u) == 0;
 }
 
 // Pass 2: out = x * scale * w over one segment's row, x re-read from `in` (L2, mostly).
@@ -208,13 +319,16 @@ __global__ void __launch_bounds__(kWideRowThreads, 2) wide_row_kernel(const Kern
     float2 partial = make_float2(0.f, 0.f);
     if constexpr (kSums) {
       float2 mine = make_float2(0.f, 0.f);
-      {
-        const typename D::storage* row = input_row<D>(p.seg[0], t);
-        mine.x = row_sum_of_squares<D, VEC>(row, row_split<D, VEC>(row, p.seg[0].vecs));
-      }
-      if (p.num_segments == 2) {
-        const typename D::storage* row = input_row<D>(p.seg[1], t);
-        mine.y = row_sum_of_squares<D, VEC>(row, row_split<D, VEC>(row, p.seg[1].vecs));
+      for (int s = 0; s < p.num_segments; ++s) {
+        const KernelSegment& g = segment(p, s);
+        const typename D::storage* row = input_row<D>(g, t);
+        const void* gate = (g.flags & ARMS_GATE_BEFORE) ? gate_row(g, t) : nullptr;
+        const float sum = row_sum_of_squares<D, VEC>(row, row_split<D, VEC>(row, g.vecs), gate, g.gate_dtype, g.flags);
+        if (s == 0) {
+          mine.x = sum;
+        } else {
+          mine.y = sum;
+        }
       }
       // the same bits in every thread (block_partials' fixed order), so what we send is what we add
       partial = block_partials(mine, parity, warp_sums);
@@ -245,7 +359,14 @@ __global__ void __launch_bounds__(kWideRowThreads, 2) wide_row_kernel(const Kern
         const KernelSegment& g = segment(p, s);
         const typename D::storage* in = input_row<D>(g, t);
         const float scale = rsqrtf((s == 0 ? sums.x : sums.y) * g.inv_full_width + p.eps);
-        normalize_row<D, VEC>(g, in, output_row<D>(g, t), row_split<D, VEC>(in, g.vecs), scale);
+        if (g.flags == 0 && g.weight_offset == 0.f && g.groups_in_row == 1) {
+          normalize_row<D, VEC>(g, in, output_row<D>(g, t), row_split<D, VEC>(in, g.vecs), scale);
+        } else {
+          int64_t w_col;
+          row_offset(g, t, 0, &w_col);
+          normalize_variant_row<D, VEC>(g, in, output_row<D>(g, t), gate_row(g, t), w_col,
+                                        row_split<D, VEC>(in, g.vecs), scale);
+        }
       }
     }
   }
