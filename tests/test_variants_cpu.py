@@ -6,6 +6,9 @@ See variant_cases.py for how the inputs are built (full rows, shard r scaled by 
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -151,3 +154,18 @@ def test_modules_carry_the_options() -> None:
     torch.testing.assert_close((q, k), (q2, k2), rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not divide the full width 64"):
         TPRMSNorm(64, group_size=24)
+
+
+def test_readme_variants_example_runs() -> None:
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- variants-example -->\s*```python\n(.*?)```", readme, flags=re.S)
+    assert match, "README has no python block marked <!-- variants-example -->"
+    exec(compile(match.group(1), "README.md (variants-example)", "exec"), {})
+
+
+def test_readme_variants_table_names_every_option() -> None:
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Norm variants"):readme.index("<!-- variants-example -->")]
+    for option in ("gate=", "gate_act=", "gate_position=", "group_size=", "weight_offset=", "norm_width=",
+                   "weight_in_input_dtype=True", "qk_norm_separate(", "num_kv_heads="):
+        assert option in section, option
