@@ -136,3 +136,31 @@ def test_qk_norm_separate_checks_its_weights_and_inplace() -> None:
         allreduce_rms.qk_norm_separate(q, k, torch.ones(32), torch.ones(16), inplace="yes")
     with pytest.raises(TypeError, match="q: expected a torch.Tensor"):
         allreduce_rms.qk_norm_separate(None, k, torch.ones(32), torch.ones(16))
+
+
+def _debug_worker(rank: int, world: int) -> str:
+    """Debug mode: rank 1 passes other variant options than rank 0 (a different group_size, then
+    a weight_offset where rank 0 makes a default call); every rank raises naming rank 1."""
+    from allreduce_rms import ops
+
+    ops.set_debug(True)
+    ws = allreduce_rms.Workspace()
+    messages = []
+    x = torch.randn(2, 64)
+    for options in ({"group_size": 32 if rank else 64}, {"weight_offset": 1.0} if rank else {}):
+        try:
+            allreduce_rms.rms_norm(x, torch.ones(64), 1e-6, ws, **options)
+            messages.append("")
+        except RuntimeError as exc:
+            messages.append(str(exc))
+    ws.close()
+    return "\n".join(messages)
+
+
+def test_debug_mode_names_the_rank_whose_variant_options_differ() -> None:
+    for result in run_ranks(_debug_worker, 2):
+        first, second = result.split("\n")
+        for message in (first, second):
+            assert "made different calls: rank 1 called rms_norm (variant options #" in message, message
+            assert "but rank(s) [0] called rms_norm" in message, message
+        assert "rank(s) [0] called rms_norm with 2 tokens" in second  # rank 0's call was a default one

@@ -123,8 +123,8 @@ def rms_norm(
         WorkspaceError: the workspace is closed, or was created in another process (fork).
         RuntimeError: debug mode only: the ranks of the group made different calls.
     """
-    if not variants.is_default(gate, gate_act, gate_position, group_size, weight_offset, norm_width,
-                               weight_in_input_dtype):
+    if (gate is not None or group_size is not None or norm_width is not None or weight_in_input_dtype is not False
+            or weight_offset != 0.0 or gate_act != "silu" or gate_position != "before"):  # a variant: torch path
         return variants.rms_norm_variant(x, weight, eps, workspace, out, gate, gate_act, gate_position, group_size,
                                          weight_offset, norm_width, weight_in_input_dtype)
     _check_tensor("x", x)
@@ -201,10 +201,11 @@ def qk_norm(
     _check_weight("k_weight", k_weight, kv_size, qkv)
     rows = _rows("qkv", qkv)
     tokens = rows.shape[0]
-    plain = weight_in_input_dtype is False and type(weight_offset) in (float, int) and weight_offset == 0
+    plain = weight_in_input_dtype is False and weight_offset == 0.0 and type(weight_offset) in (float, int)
     if not plain:
         variant = variants.check_variant(weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
-    eps, world = _prepare(OP_QK_NORM, qkv, tokens, (q_size, kv_size), eps, workspace)
+    op = OP_QK_NORM if plain else variants.debug_op(OP_QK_NORM, variant)
+    eps, world = _prepare(op, qkv, tokens, (q_size, kv_size), eps, workspace)
     lead = qkv.shape[:-1]
     if plain and qkv.is_cuda and _native.kernels_ready():
         # The hot path: q and k as pointer offsets into qkv, no view objects (each costs ~2 us).
@@ -396,7 +397,8 @@ def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[in
 
     def describe(call: Tuple[int, int, Tuple[int, ...]]) -> str:
         rank_op, rank_tokens, rank_widths = call
-        return f"{_OP_NAMES.get(rank_op, rank_op)} with {rank_tokens} tokens and widths {rank_widths}"
+        options = f" (variant options #{rank_op >> 8:06x})" if rank_op >> 8 else ""  # variants.debug_op
+        return f"{_OP_NAMES.get(rank_op & 0xFF, rank_op)}{options} with {rank_tokens} tokens and widths {rank_widths}"
 
     detail = "; ".join(f"rank {r} called {describe(calls[r])}" for r in differ)  # type: ignore[arg-type]
     raise RuntimeError(

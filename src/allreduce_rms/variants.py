@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import operator
+import zlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -171,6 +172,14 @@ def _check_gate(gate: object, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- the ops
+def debug_op(op: int, variant: Variant, gate: bool = False) -> int:
+    """The op code debug mode compares across ranks (ops._debug_check_same_call): `op` in the low
+    byte and a 24-bit digest of the options above it, so ranks that pass different options are
+    named instead of disagreeing on whether and what to exchange."""
+    digest = zlib.crc32(f"{variant!r} gate={gate}".encode()) & 0xFFFFFF
+    return op | (digest << 8)
+
+
 def _world(ws: object) -> int:
     return 1 if ws is None else ws.world_size  # type: ignore[attr-defined]
 
@@ -199,7 +208,8 @@ def rms_norm_variant(x: torch.Tensor, weight: torch.Tensor, eps: object, workspa
     variant = check_variant(gate_act=gate_act, gate_position=gate_position, group_size=group_size,
                             weight_offset=weight_offset, norm_width=norm_width,
                             weight_in_input_dtype=weight_in_input_dtype, width=width, world=world)
-    eps_value, world = ops._prepare(ops.OP_RMS_NORM, x, tokens, (width,), eps, workspace)  # type: ignore[arg-type]
+    op = debug_op(ops.OP_RMS_NORM, variant, gate is not None)
+    eps_value, world = ops._prepare(op, x, tokens, (width,), eps, workspace)  # type: ignore[arg-type]
     y = _rms_rows(x2, weight, eps_value, workspace, gate2, variant)
     if out is None:
         return y.view(x.shape)
@@ -301,14 +311,15 @@ def qk_norm_separate(
     variant = check_variant(weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
     q2, k2 = ops._rows("q", q), ops._rows("k", k)
     tokens = q2.shape[0]
-    eps_value, world = ops._prepare(ops.OP_QK_NORM, q, tokens, (q_size, kv_size), eps, workspace)
+    default = variant.weight_offset == 0.0 and not variant.weight_in_input_dtype
+    op = ops.OP_QK_NORM if default else debug_op(ops.OP_QK_NORM, variant)
+    eps_value, world = ops._prepare(op, q, tokens, (q_size, kv_size), eps, workspace)
     if inplace:
         q_out, k_out, result = q2, k2, (q, k)
     else:
         q_out = torch.empty((tokens, q_size), dtype=q.dtype, device=q.device)
         k_out = torch.empty((tokens, kv_size), dtype=q.dtype, device=q.device)
         result = (q_out.view(q.shape), k_out.view(k.shape))
-    default = variant.weight_offset == 0.0 and not variant.weight_in_input_dtype
     if default and q.is_cuda and _native.kernels_ready():
         dtypes = ops._DTYPES
         args = (q2.data_ptr(), q_out.data_ptr(), q_weight.data_ptr(), dtypes[q_weight.dtype], q2.stride(0),
