@@ -10,7 +10,8 @@ MiniMax-M2 shapes (48 q heads, 8 kv heads, head_dim 128, bf16):
   row loaded and reduced, partials sent, peers' partials arrived, stores issued); replaying a
   graph of back-to-back calls gives the median time of each phase and the period between calls;
 * sweep (``--sweep``): the graph time of every valid (warps per token, vectors per thread) plan
-  at each T, next to the launcher's own choice.
+  at each T, next to the launcher's own choice (``--plans`` names the plans; vectors per thread
+  -1 is the two-pass wide-row kernel).
 
     python benchmarks/trace_kernel.py --json trace.json [--tokens 1 64 1024 8192] [--sweep]
 
@@ -99,8 +100,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         entry["trace_rank_us"] = _phases(trace.cpu())
         if args.sweep:
             sweep = {}
-            for warps, vpt, per_block in (SWEEP_SMALL if tokens <= 64 else SWEEP_LARGE):
-                if warps * 32 * vpt < (q_size + kv_size) // 8:
+            plans = args.plans or (SWEEP_SMALL if tokens <= 64 else SWEEP_LARGE)
+            for warps, vpt, per_block in plans:
+                if vpt > 0 and warps * 32 * vpt < (q_size + kv_size) // 8:
                     continue
                 front.set_plan_override(_native.dl_device_type(), warps, vpt, per_block)
                 sweep[f"{warps}x{vpt}x{per_block}"] = _graph_us(ctx, call)["median"]
@@ -122,10 +124,18 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     dist.destroy_process_group()
 
 
+def _plan(text: str) -> tuple:
+    warps, vpt, per_block = (int(v) for v in text.split("x"))
+    return warps, vpt, per_block
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024, 4096, 8192, 16384])
     parser.add_argument("--sweep", action="store_true", help="time every valid plan at each T")
+    parser.add_argument("--plans", type=_plan, nargs="+",
+                        help="with --sweep: these plans (WARPSxVPTxTOKENS, e.g. 2x8x1; VPT -1 is the wide-row "
+                             "kernel) at every T instead of the built-in lists")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     world = torch.cuda.device_count()

@@ -17,6 +17,7 @@
 #include <array>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend_api.h"
@@ -209,10 +210,10 @@ class NativeWorkspace {
   void launch(int op, int dtype, int64_t tokens, float eps, uintptr_t stream, uintptr_t in0, uintptr_t out0,
               uintptr_t w0, int wdt0, int64_t is0, int64_t os0, int width0, int full0, uintptr_t in1, uintptr_t out1,
               uintptr_t w1, int wdt1, int64_t is1, int64_t os1, int width1, int full1) {
-    const ArmsNormArgs a = norm_args(ARMS_MODE_LAMPORT, op, device_, dtype, tokens, eps, 0, stream, in0, out0, w0, wdt0,
-                                     is0, os0, width0, full0, in1, out1, w1, wdt1, is1, os1, width1, full1);
-    check(*api_, api_->fused_norm(live(), &a));
+    launch_args(norm_args(ARMS_MODE_LAMPORT, op, device_, dtype, tokens, eps, 0, stream, in0, out0, w0, wdt0, is0, os0,
+                          width0, full0, in1, out1, w1, wdt1, is1, os1, width1, full1));
   }
+  void launch_args(const ArmsNormArgs& a) { check(*api_, api_->fused_norm(live(), &a)); }
 
   // The plan the fused launch with these arguments would use (for the benchmark's record).
   nb::dict plan(int op, int dtype, int64_t tokens, uintptr_t in0, uintptr_t out0, uintptr_t w0, int wdt0, int64_t is0,
@@ -264,6 +265,55 @@ void launch_local(int device_type, int device, int mode, int dtype, int64_t toke
                                    width1, full1);
   check(api, api.norm(&a));
 }
+
+// One validated call shape of the torch hot path (allreduce_rms._hot_path): everything but the
+// stream, the token count and the pointers (op, dtype, eps, widths, row strides, weight dtypes)
+// is fixed when the Python layer first validates a call of this shape, so each later call of the
+// same shape crosses into C++ with seven integers instead of twenty-one. The backend still checks
+// every call's pointers (alignment picks the vector width) and picks the plan.
+class PreparedNorm {
+ public:
+  // workspace: a NativeWorkspace for a fused launch, None for a local one (one rank).
+  PreparedNorm(nb::object workspace, int device_type, int device, int op, int dtype, float eps,
+               int wdt0, int64_t is0, int64_t os0, int width0, int full0, int64_t in1_offset, int wdt1, int64_t is1,
+               int64_t os1, int width1, int full1)
+      : workspace_(std::move(workspace)), api_(&backend(device_type)), in1_offset_(in1_offset) {
+    if (!workspace_.is_none()) ws_ = nb::cast<NativeWorkspace*>(workspace_);
+    const bool two = op == ARMS_OP_QK_NORM;
+    // placeholder pointers (1): the real ones arrive with each call
+    args_ = norm_args(ws_ ? ARMS_MODE_LAMPORT : ARMS_MODE_LOCAL, op, device, dtype, 0, eps, 0, 0, 1, 1, 1, wdt0,
+                      is0, os0, width0, full0, two ? 1 : 0, 1, 1, wdt1, is1, os1, width1, full1);
+  }
+
+  // tokens: rows of this call; in: the input rows (segment 1 starts in1_offset bytes further);
+  // out0/out1, w0/w1: the segments' outputs and weights (out1, w1 ignored for one segment).
+  void operator()(uintptr_t stream, int64_t tokens, uintptr_t in, uintptr_t out0, uintptr_t out1, uintptr_t w0,
+                  uintptr_t w1) {
+    ArmsNormArgs a = args_;
+    a.stream = reinterpret_cast<void*>(stream);
+    a.tokens = tokens;
+    a.segment[0].in = reinterpret_cast<const void*>(in);
+    a.segment[0].out = reinterpret_cast<void*>(out0);
+    a.segment[0].weight = reinterpret_cast<const void*>(w0);
+    if (a.num_segments == 2) {
+      a.segment[1].in = reinterpret_cast<const void*>(in + in1_offset_);
+      a.segment[1].out = reinterpret_cast<void*>(out1);
+      a.segment[1].weight = reinterpret_cast<const void*>(w1);
+    }
+    if (ws_) {
+      ws_->launch_args(a);
+    } else {
+      check(*api_, api_->norm(&a));
+    }
+  }
+
+ private:
+  nb::object workspace_;  // keeps the NativeWorkspace alive (its close() still makes calls fail)
+  NativeWorkspace* ws_ = nullptr;
+  const ArmsBackendApi* api_;
+  int64_t in1_offset_;
+  ArmsNormArgs args_;
+};
 
 // Tuning: force the plan of every later launch of this backend (0, 0: automatic).
 void set_plan_override(int device_type, int warps_per_token, int vectors_per_thread, int tokens_per_block) {
@@ -376,4 +426,15 @@ NB_MODULE(_front, m) {
       .def("floor", &NativeWorkspace::floor, nb::arg("kind"), nb::arg("stream"))
       .def("close", &NativeWorkspace::close)
       .def_prop_ro("closed", &NativeWorkspace::closed);
+
+  nb::class_<PreparedNorm>(m, "PreparedNorm")
+      .def(nb::init<nb::object, int, int, int, int, float, int, int64_t, int64_t, int, int, int64_t, int, int64_t,
+                    int64_t, int, int>(),
+           nb::arg("workspace").none(), nb::arg("device_type"), nb::arg("device"), nb::arg("op"), nb::arg("dtype"),
+           nb::arg("eps"), nb::arg("weight_dtype0"), nb::arg("in_stride0"), nb::arg("out_stride0"),
+           nb::arg("width0"), nb::arg("full_width0"), nb::arg("in1_offset"), nb::arg("weight_dtype1"),
+           nb::arg("in_stride1"), nb::arg("out_stride1"), nb::arg("width1"), nb::arg("full_width1"))
+      .def("__call__", &PreparedNorm::operator(), nb::arg("stream"), nb::arg("tokens"), nb::arg("x"), nb::arg("out0"), nb::arg("out1"),
+           nb::arg("weight0"), nb::arg("weight1"),
+           "Launch on `stream`: x (segment 1 at x + in1_offset bytes), the outputs and the weights.");
 }

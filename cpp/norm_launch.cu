@@ -1,7 +1,7 @@
-// Host launcher of the norm kernel: picks the plan (vector width, warps per token, vectors per
+// Host launcher of the norm kernels: picks the plan (vector width, warps per token, vectors per
 // thread) from the row width, its alignment and the token count, clamps the grid to co-resident
 // blocks, splits token counts above the workspace capacity into chunks, and launches with PDL
-// where supported.
+// where supported. Rows the register-resident norm_kernel cannot hold go to wide_row_kernel.
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
@@ -11,6 +11,7 @@
 
 #include "backend_internal.h"
 #include "norm_kernel.cuh"
+#include "wide_row_kernel.cuh"
 
 namespace arms {
 
@@ -45,12 +46,33 @@ KernelFn kernel_for(bool wide, int vpt, int mode) {
   }
 }
 
+// The wide-row kernel (wide_row_kernel.cuh): rows streamed in column chunks, for rows the
+// register-resident kernel cannot take.
+template <class D>
+KernelFn wide_row_kernel_for(int mode) {
+  switch (mode) {
+    case ARMS_MODE_LOCAL: return wide_row_kernel<D, ARMS_MODE_LOCAL>;
+    case ARMS_MODE_STATS_OUT: return wide_row_kernel<D, ARMS_MODE_STATS_OUT>;
+    case ARMS_MODE_STATS_IN: return wide_row_kernel<D, ARMS_MODE_STATS_IN>;
+    default: return wide_row_kernel<D, ARMS_MODE_LAMPORT>;
+  }
+}
+
+// vectors_per_thread of a wide-row plan, in set_plan_override (forces that kernel) and in the
+// plan a launcher reports: it has no fixed vectors per thread.
+constexpr int kWideRowVpt = -1;
+// Columns are indexed with 32-bit integers in the kernels, with room for a block's worth past
+// the end of the row.
+constexpr int64_t kMaxRowElems = int64_t{1} << 30;
+
 int element_bytes(int dtype) { return dtype == ARMS_F32 ? 4 : 2; }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+bool aligned_to(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0; }
 
 struct DeviceLimits {
   int sms = 0;
+  int l2_bytes = 0;
   bool pdl = false;
 };
 
@@ -62,6 +84,10 @@ DeviceLimits device_limits(int device) {
   if (it != cache.end()) return it->second;
   DeviceLimits limits;
   cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device);
+  if (cudaDeviceGetAttribute(&limits.l2_bytes, cudaDevAttrL2CacheSize, device) != platform::kSuccess) {
+    (void)cudaGetLastError();  // clear it: no L2 size only means no L2 clamp of the wide-row grid
+    limits.l2_bytes = 0;
+  }
   limits.pdl = platform::device_supports_pdl(device);
   if (const char* env = getenv("ALLREDUCE_RMS_PDL")) limits.pdl = limits.pdl && env[0] != '0';
   cache[device] = limits;
@@ -145,6 +171,7 @@ struct Plan {
   int tokens_per_block = 1;
   int coresident = 1;
   bool pdl = false;
+  bool wide_row = false;  // wide_row_kernel: vec is 1 (segment widths in elements), vpt kWideRowVpt
 };
 
 }  // namespace
@@ -163,12 +190,41 @@ int set_plan_override(int warps, int vpt, int tokens_per_block) {
   if (warps < 0 || warps > max_warps || (warps & (warps - 1)) != 0)
     return fail(ARMS_INVALID_ARGUMENT,
                 "warps_per_token must be 0 (automatic) or a power of two up to " + std::to_string(max_warps));
-  if (vpt != 0 && vpt != 1 && vpt != 2 && vpt != 4 && vpt != 8)
-    return fail(ARMS_INVALID_ARGUMENT, "vectors_per_thread must be 0 (automatic), 1, 2, 4 or 8");
+  if (vpt != 0 && vpt != 1 && vpt != 2 && vpt != 4 && vpt != 8 && vpt != kWideRowVpt)
+    return fail(ARMS_INVALID_ARGUMENT,
+                "vectors_per_thread must be 0 (automatic), 1, 2, 4, 8 or -1 (the wide-row kernel for every row)");
   if (tokens_per_block < 0) return fail(ARMS_INVALID_ARGUMENT, "tokens_per_block must be >= 0 (0: automatic)");
   override_warps = warps;
   override_vpt = vpt;
   override_tokens_per_block = tokens_per_block;
+  return ARMS_OK;
+}
+
+// The plan for rows the register-resident kernel cannot hold (wider than a block's registers,
+// or unaligned beyond its scalar path's reach), or for every row when the plan override asks:
+// wide_row_kernel, one block per token at a time (kWideRowThreads, or the override's warps),
+// segment widths passed in elements. The kernel reads each row twice, the second time hoping to
+// find it in L2, so the grid is also kept to about half the L2 cache's worth of rows in flight
+// (at least one block per SM); co-residency is kept as for every spinning launch.
+static int make_wide_row_plan(const ArmsNormArgs* a, int mode, int64_t row_elems, const DeviceLimits& limits,
+                              Plan* plan) {
+  const int warp = platform::kWarpSize;
+  plan->wide_row = true;
+  plan->vec = 1;
+  plan->vpt = kWideRowVpt;
+  plan->tokens_per_block = override_tokens_per_block > 0 ? override_tokens_per_block : 1;
+  plan->block = override_warps > 0 ? override_warps * warp : kWideRowThreads;
+  plan->fn = a->dtype == ARMS_F32 ? wide_row_kernel_for<F32>(mode)
+           : a->dtype == ARMS_F16 ? wide_row_kernel_for<F16>(mode)
+                                  : wide_row_kernel_for<BF16>(mode);
+  const int sms = limits.sms > 0 ? limits.sms : 1;
+  plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * sms;
+  const int64_t row_bytes = row_elems * element_bytes(a->dtype);
+  if (limits.l2_bytes > 0) {
+    const int64_t fit_l2 = std::max<int64_t>(sms, limits.l2_bytes / 2 / std::max<int64_t>(1, row_bytes));
+    plan->coresident = static_cast<int>(std::min<int64_t>(plan->coresident, fit_l2));
+  }
+  plan->pdl = limits.pdl;
   return ARMS_OK;
 }
 
@@ -192,11 +248,19 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
       return fail(ARMS_INVALID_ARGUMENT, "null tensor pointer");
     if (g.weight_dtype != ARMS_F32 && g.weight_dtype != ARMS_F16 && g.weight_dtype != ARMS_BF16)
       return fail(ARMS_INVALID_ARGUMENT, "unsupported weight dtype");
+    // Every path reads whole elements (the wide-row kernel finds a row's 16-byte boundaries by
+    // counting elements): a pointer between elements is a caller's bug, not a layout to serve.
+    if (!aligned_to(g.in, esize) || (g.out && !aligned_to(g.out, esize)) ||
+        (g.weight && !aligned_to(g.weight, element_bytes(g.weight_dtype))))
+      return fail(ARMS_INVALID_ARGUMENT, "tensor pointer not aligned to its element size");
     wide = wide && g.width % vec_wide == 0 && aligned16(g.in) && (g.in_row_stride * esize) % 16 == 0;
     if (mode != ARMS_MODE_STATS_OUT)
       wide = wide && aligned16(g.out) && aligned16(g.weight) && (g.out_row_stride * esize) % 16 == 0;
     row_elems += g.width;
   }
+  if (row_elems >= kMaxRowElems)
+    return fail(ARMS_INVALID_ARGUMENT, "row too wide: " + std::to_string(row_elems) +
+                                           " elements on this rank; the kernels take fewer than 2^30 per row");
   plan->vec = wide ? vec_wide : 1;
   const int64_t row_vecs = row_elems / plan->vec;
   const DeviceLimits limits = device_limits(a->device);
@@ -208,12 +272,9 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   const int warp = platform::kWarpSize;
   plan->block = shape.warps * warp;
   plan->vpt = shape.vpt;
-  if (plan->block > kMaxBlockThreads || static_cast<int64_t>(plan->block) * shape.vpt < row_vecs)
-    return fail(ARMS_INVALID_ARGUMENT,
-                "row too wide: " + std::to_string(row_elems) + " elements on this rank; at most " +
-                    std::to_string(kMaxBlockThreads * (wide ? kMaxVpt : kScalarVpt) * plan->vec) + " fit one block" +
-                    (wide ? "" : " on the unaligned path (make pointers and row strides 16-byte aligned)") +
-                    (override_warps > 0 || override_vpt > 0 ? " with the plan override" : ""));
+  if (plan->block > kMaxBlockThreads || static_cast<int64_t>(plan->block) * shape.vpt < row_vecs ||
+      override_vpt == kWideRowVpt)
+    return make_wide_row_plan(a, mode, row_elems, limits, plan);
   plan->fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, shape.vpt, mode)
            : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, shape.vpt, mode)
                                   : kernel_for<BF16>(wide, shape.vpt, mode);
@@ -243,8 +304,9 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
   if (int status = make_plan(a, capacity > 0 ? ARMS_MODE_LAMPORT : a->mode, chunk, &plan)) return status;
   const int64_t first = std::min<int64_t>(a->tokens, chunk);
   out->warps_per_token = plan.block / platform::kWarpSize;
-  out->vectors_per_thread = plan.vpt;
-  out->vector_elems = plan.vec;
+  out->vectors_per_thread = plan.vpt;  // kWideRowVpt (-1) for the wide-row kernel
+  // the wide-row kernel moves the aligned middle of its rows in 16-byte vectors
+  out->vector_elems = plan.wide_row ? 16 / element_bytes(a->dtype) : plan.vec;
   out->grid = static_cast<int32_t>(grid_for(first, plan));
   out->launches = static_cast<int32_t>((a->tokens + chunk - 1) / chunk);
   out->pdl = plan.pdl ? 1 : 0;
@@ -272,7 +334,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
     k.weight = g.weight;
     k.in_stride = g.in_row_stride;
     k.out_stride = g.out_row_stride;
-    k.vecs = g.width / plan.vec;
+    k.vecs = g.width / plan.vec;  // the wide-row kernel (vec 1): the width in elements
     k.weight_dtype = g.weight_dtype;
     k.inv_full_width = 1.0f / static_cast<float>(g.full_width);
     row_vecs += k.vecs;

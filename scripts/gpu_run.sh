@@ -5,6 +5,7 @@
 #
 #   STAGES="build tests bench reliability" bash scripts/gpu_run.sh      (default: all four)
 #   STAGES="build profile"   LOCAL-mode timing vs roofline, and Nsight Compute reports if ncu exists
+#   STAGES="build host"      host time per eager call, part by part (benchmarks/host_profile.py)
 #   STAGES="build trace"     per-phase trace of the fused kernel, the machine's floors, plan sweep
 #                            (TRACE_SWEEP=0: no sweep; TRACE_ARGS="--tokens 1 64": other T)
 #   NCU_TOKENS="1 1024 8192" (token counts the profile stage captures with ncu)
@@ -56,6 +57,11 @@ if has trace; then
   python3 "$OLDPWD/benchmarks/trace_kernel.py" $([ "${TRACE_SWEEP:-1}" = 1 ] && echo --sweep) \
     --json "$OUT/trace-$card-tp$ngpu.json" ${TRACE_ARGS:-} \
     2>&1 | tee "$OUT/trace.log" | tail -30 || status=1
+fi
+if has host; then
+  log "host profile: eager host time per call, part by part (TP$ngpu)"
+  python3 "$OLDPWD/benchmarks/host_profile.py" --json "$OUT/host-profile-$card-tp$ngpu.json" ${HOST_ARGS:-} \
+    2>&1 | tee "$OUT/host-profile.log" | tail -40 || status=1
 fi
 if has reliability; then
   log "reliability (soak + sanitizers)"

@@ -131,10 +131,13 @@ def test_quick_cpu_run_tells_the_user_what_runs_and_how_far_it_is(quick_run):
 
 def test_quick_cpu_run_targets_not_measured_without_gpus(quick_run):
     targets = quick_run[3]["targets"]
-    assert [t["name"] for t in targets["rows"]] == [t["name"] for t in bench.TARGETS]
+    host_names = [f"host T={t} {what}" for t in (1, 1024) for what in ("public functions", "torch.ops custom ops")]
+    assert [t["name"] for t in targets["rows"]] == [t["name"] for t in bench.TARGETS] + host_names
     assert all(t["status"] == "not measured" for t in targets["rows"])
     assert all("GPU" in t["text"] for t in targets["rows"])
-    assert "all not measured (T=1, T=8, T=64, T=256, T=1024, T=4096, T=8192, T=16384, eager host overhead)" in quick_run[1]
+    assert quick_run[3]["host"] is None and "GPU" in quick_run[3]["host_skipped"]
+    assert ("all not measured (T=1, T=8, T=64, T=256, T=1024, T=4096, T=8192, T=16384, "
+            f"{', '.join(host_names)})") in quick_run[1]
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed (the plot extra)")
@@ -363,8 +366,8 @@ def test_targets_met_missed_and_not_measured():
     assert status["T=8192"]["status"] == "met"
     assert status["T=8192"]["measured"] == pytest.approx(33.0 / 28.0)
     assert status["T=16384"]["status"] == "not measured"
-    assert status["eager host overhead"]["status"] == "met" and status["eager host overhead"]["measured"] == 8.0
-    assert results["targets"]["met"] == 3 and results["targets"]["missed"] == 1
+    assert results["targets"]["met"] == 2 and results["targets"]["missed"] == 1
+    assert status["host T=1 public functions"]["status"] == "not measured"
     assert results["targets"]["notes"] == []
     ratio = next(r for r in results["ratios"] if r["T"] == 1)
     assert ratio["baseline_over_fused"]["unfused_eager"] == pytest.approx(10.0)
@@ -743,3 +746,24 @@ def test_percentiles_match_linear_interpolation():
         {"eager_us": 3.0, "eager_us_p20": 1.8, "eager_us_p80": 4.2})
     with pytest.raises(ValueError):
         bench.percentile([], 50)
+
+
+def test_host_targets_take_the_worst_call_and_the_table_shows_ratios():
+    rows = []
+    for tokens in (1, 1024):
+        for method, call, us in (("eager_floor", "x.add_(0)", 10.0), ("fused", "qk_norm", 14.0),
+                                 ("fused", "qk_norm in place", 16.0), ("fused_custom_op", "qk_norm", 19.0)):
+            rows.append({"T": tokens, "method": method, "call": call, "host_us": us, "host_us_p20": us,
+                         "host_us_p80": us, "ratio_to_floor": us / 10.0})
+    results = bench.finalize(dict(_synthetic({1: 3.0}, {}), host=rows, host_skipped=None))
+    status = {t["name"]: t for t in results["targets"]["rows"]}
+    public = status["host T=1 public functions"]
+    assert public["status"] == "missed" and public["worst_call"] == "qk_norm in place"
+    assert public["measured"] == pytest.approx(1.6) and public["text"].startswith("missed: 1.60x floor (> 1.5x")
+    custom = status["host T=1024 torch.ops custom ops"]
+    assert custom["status"] == "met" and custom["measured"] == pytest.approx(1.9)
+    headers, table = report.host_table(results)
+    assert headers[:2] == ["T", "x.add_(0)"] and "qk_norm in place (public)" in headers
+    assert [line[0] for line in table] == ["1", "1024"]
+    assert "(1.60x)" in table[0][headers.index("qk_norm in place (public)")]
+    assert "host time per call" in report.render_markdown([results])

@@ -429,3 +429,231 @@ def test_exit_without_close_leaves_nothing_behind(exit_hard):
     # the GPUs still work: a fresh group creates a workspace and gets the right answer
     for err in run_ranks(_fresh_round_worker, 2, backend="nccl", timeout=120):
         assert err <= TOLERANCE[torch.bfloat16], err
+
+
+# ---------------------------------------------------------------- rows of any width (issue 15)
+# Per-rank widths past both limits of the register-resident kernel (16-bit rows above 32768 and
+# fp32 above 16384 elements; unaligned rows above 4096), taken by the wide-row kernel; 3 stays on
+# the fast kernel's scalar path. qk pairs: MiniMax-M2's whole q and k on each rank, and a
+# scalar-path pair past 4096. ANY_CAPACITY + 3 tokens run as two chunked launches.
+ANY_CAPACITY = 64
+ANY_WIDTHS = [3, 4097, 4100, 16388, 32776, 65536]
+ANY_QK_WIDTHS = [(30720, 4096), (4097, 3)]
+ANY_TOKENS = [0, 1, 7, ANY_CAPACITY + 3]
+
+
+def _any_width_shards(seed, tokens, width, dtype, world, device):
+    """Every rank's [T, width] shard of one [T, width * world] row set, the same on every rank
+    (one seed, one GPU generator): rank r's shard scaled by shard_scale(r) (a missing or partial
+    exchange fails widely), the first and last 8 columns of each shard 16x larger (they hold a
+    large share of the sum, so a dropped unaligned head or tail fails widely), token t scaled by
+    1 + t % 3 (a statistic applied to the wrong token fails)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    edge = torch.ones(width, device=device, dtype=torch.float64)
+    edge[:8] = 16.0
+    edge[-8:] = 16.0
+    rows = 1.0 + (torch.arange(tokens, device=device) % 3).double()[:, None]
+    return [(torch.randn(tokens, width, generator=g, device=device, dtype=torch.float64) * edge * rows *
+             shard_scale(r)).to(dtype) for r in range(world)]
+
+
+def _any_width_weights(seed, width, dtype, world, device):
+    """Every rank's [width] weight shard (near 1), the same on every rank."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [(1 + 0.2 * torch.randn(width, generator=g, device=device)).to(dtype) for _ in range(world)]
+
+
+def _any_width_worker(rank, world):
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    from allreduce_rms.ops import fused_plan
+
+    ws = allreduce_rms.Workspace(max_tokens=ANY_CAPACITY, timeout_ms=30_000)
+    assert ws.path == "fused", ws.reason
+    fb = allreduce_rms.Workspace(max_tokens=ANY_CAPACITY, path="fallback")
+    eps, checks, worst = 1e-6, 0, {}
+    for di, dtype in enumerate(DTYPES):
+        tol = TOLERANCE[dtype]
+        # rms_norm: rows as a contiguous tensor (offset 0), and as a column view one element off
+        # 16-byte alignment whose row stride moves every row's alignment (offset 1, with fp32
+        # weights, so the weight's vectors are 32 bytes in 16-bit types)
+        for width in ANY_WIDTHS:
+            for tokens in ANY_TOKENS:
+                seed = 7919 * di + 31 * width + tokens
+                shards = _any_width_shards(seed, tokens, width, dtype, world, dev)
+                for offset, wdtype in ((0, dtype), (1, torch.float32)):
+                    weights = _any_width_weights(seed + 1, width, wdtype, world, dev)
+                    ref = reference(shards, weights, eps)[rank]
+                    base = torch.zeros(tokens, width + offset, device=dev, dtype=dtype)
+                    x = base[:, offset:]
+                    x.copy_(shards[rank])
+                    where = f"rms_norm {dtype} W={width}/rank offset={offset} w={wdtype} T={tokens}"
+                    outs = []
+                    for path in (ws, fb):
+                        out = torch.full((tokens, width), float("nan"), device=dev, dtype=dtype)
+                        allreduce_rms.rms_norm(x, weights[rank], eps, path, out=out)
+                        err = rel_err(out, ref)
+                        worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+                        assert err <= tol, f"{where} {path.path}: {err}"
+                        outs.append(out)
+                    allreduce_rms.rms_norm(x, weights[rank], eps, ws, out=x)  # in place, fused
+                    assert torch.equal(x, outs[0]), f"{where}: in place differs from out of place"
+                    assert torch.equal(base[:, :offset], torch.zeros_like(base[:, :offset])), where
+                    checks += 3
+        # qk_norm: q and k read in place as column slices of qkv, out of place and in place
+        for qs, ks in ANY_QK_WIDTHS:
+            for tokens in ANY_TOKENS:
+                seed = 104729 * di + qs + tokens
+                q_shards = _any_width_shards(seed, tokens, qs, dtype, world, dev)
+                k_shards = _any_width_shards(seed + 1, tokens, ks, dtype, world, dev)
+                qws = _any_width_weights(seed + 2, qs, dtype, world, dev)
+                kws = _any_width_weights(seed + 3, ks, torch.float32, world, dev)
+                v = torch.randn(tokens, ks, device=dev).to(dtype)
+                qkv = torch.cat([q_shards[rank], k_shards[rank], v], dim=-1)
+                q_ref, k_ref = reference(q_shards, qws, eps)[rank], reference(k_shards, kws, eps)[rank]
+                where = f"qk_norm {dtype} q{qs} k{ks}/rank T={tokens}"
+                if tokens:
+                    plan = fused_plan(qkv, qws[rank], kws[rank], qs, ks, ws)
+                    assert plan["vectors_per_thread"] == -1, f"{where}: not the wide-row kernel: {plan}"
+                q, k = allreduce_rms.qk_norm(qkv, qws[rank], kws[rank], qs, ks, eps, ws)
+                assert max(rel_err(q, q_ref), rel_err(k, k_ref)) <= tol, f"{where} fused"
+                inplace = qkv.clone()
+                q2, k2 = allreduce_rms.qk_norm(inplace, qws[rank], kws[rank], qs, ks, eps, ws, inplace=True)
+                assert torch.equal(q2, q) and torch.equal(k2, k), f"{where}: in place differs"
+                assert torch.equal(inplace[:, qs + ks:], v), f"{where}: v changed"
+                qf, kf = allreduce_rms.qk_norm(qkv, qws[rank], kws[rank], qs, ks, eps, fb)
+                assert max(rel_err(qf, q_ref), rel_err(kf, k_ref)) <= tol, f"{where} fallback"
+                checks += 3
+    ws.synchronize()
+    ws.close()
+    fb.close()
+    return {"checks": checks, "worst": worst}
+
+
+def test_rows_of_any_width_fused_and_fallback():
+    results = run_ranks(_any_width_worker, WORLD, backend="nccl", timeout=600)
+    for r in results:
+        assert r["checks"] == len(DTYPES) * (len(ANY_WIDTHS) * len(ANY_TOKENS) * 2 + len(ANY_QK_WIDTHS) * len(ANY_TOKENS)) * 3
+    print("rows of any width, worst relative errors per dtype:", results[0]["worst"])
+
+
+def _wide_row_forced_worker(rank, world):
+    """The wide-row kernel forced for every row (plan override, vectors_per_thread = -1) on the
+    usual widths and token counts of the fused correctness test: its exchange, chunking and
+    in-place path on rows the fast kernel would take."""
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    front, device_type = _native.front(), _native.dl_device_type()
+    ws = allreduce_rms.Workspace(max_tokens=CAPACITY, timeout_ms=30_000)
+    assert ws.path == "fused", ws.reason
+    checks = 0
+    front.set_plan_override(device_type, 0, -1, 0)
+    try:
+        for di, dtype in enumerate(DTYPES):
+            for wi, (q_full, k_full) in enumerate(FULL_WIDTHS):
+                for tokens in (1, 7, 3 * CAPACITY + 5):
+                    qkv, qw, kw, qs, ks, q_ref, k_ref = _problem(99 + 1000 * di + 10 * wi + tokens, tokens, q_full,
+                                                                 k_full, dtype, world, rank, dev)
+                    q, k = allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, ws)
+                    assert max(rel_err(q, q_ref), rel_err(k, k_ref)) <= TOLERANCE[dtype], (dtype, qs, ks, tokens)
+                    q2, k2 = allreduce_rms.qk_norm(qkv.clone(), qw, kw, qs, ks, 1e-6, ws, inplace=True)
+                    assert torch.equal(q2, q) and torch.equal(k2, k), (dtype, qs, ks, tokens)
+                    checks += 2
+    finally:
+        front.set_plan_override(device_type, 0, 0, 0)
+    ws.synchronize()
+    ws.close()
+    return checks
+
+
+def test_wide_row_kernel_forced_on_usual_widths():
+    for checks in run_ranks(_wide_row_forced_worker, WORLD, backend="nccl", timeout=300):
+        assert checks == len(DTYPES) * len(FULL_WIDTHS) * 3 * 2
+
+
+def _wide_and_fast_mixed_worker(rank, world):
+    """Wide-row and fast-kernel launches back to back on one workspace (they share its epoch and
+    packet slots), eagerly and inside one captured graph replayed with the same inputs after the
+    outputs are poisoned: every result right every time."""
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    ws = allreduce_rms.Workspace(max_tokens=ANY_CAPACITY, timeout_ms=30_000)
+    assert ws.path == "fused", ws.reason
+    dtype, eps, tol = torch.bfloat16, 1e-6, TOLERANCE[torch.bfloat16]
+    fast = _problem(3, 40, 6144, 1024, dtype, world, rank, dev)
+    wide = []
+    for i, (width, tokens) in enumerate(((65536, 3), (4100, ANY_CAPACITY + 3), (32776, 1))):
+        shards = _any_width_shards(50 + i, tokens, width, dtype, world, dev)
+        weights = _any_width_weights(60 + i, width, dtype, world, dev)
+        wide.append((shards[rank], weights[rank], reference(shards, weights, eps)[rank]))
+
+    def run_all():
+        outs = []
+        for x, w, _ in wide:
+            qkv, qw, kw, qs, ks, _, _ = fast
+            outs.append(allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, eps, ws))
+            outs.append(allreduce_rms.rms_norm(x, w, eps, ws))
+        return outs
+
+    def worst(outs):
+        errs = []
+        for i, (_, _, ref) in enumerate(wide):
+            q, k = outs[2 * i]
+            errs += [rel_err(q, fast[5]), rel_err(k, fast[6]), rel_err(outs[2 * i + 1], ref)]
+        return max(errs)
+
+    eager = [worst(run_all()) for _ in range(20)]
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        run_all()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_outs = run_all()
+    graphed = []
+    for _ in range(20):
+        for out in graph_outs:  # poison: a replay that writes nothing cannot pass
+            for t in (out if isinstance(out, tuple) else (out,)):
+                t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        graphed.append(worst(graph_outs))
+    ws.synchronize()
+    ws.close()
+    return {"eager": eager, "graph": graphed, "tol": tol}
+
+
+def test_wide_row_and_fast_launches_back_to_back_eager_and_graphed():
+    for r in run_ranks(_wide_and_fast_mixed_worker, WORLD, backend="nccl", timeout=300):
+        assert max(r["eager"]) <= r["tol"], r
+        assert max(r["graph"]) <= r["tol"], r
+
+
+def _wide_peer_skips_worker(rank, world):
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    ws = allreduce_rms.Workspace(max_tokens=64, timeout_ms=300)
+    assert ws.path == "fused", ws.reason
+    x = _any_width_shards(5, 16, 65536, torch.bfloat16, world, dev)[rank]
+    w = torch.ones(65536, device=dev, dtype=torch.bfloat16)
+    result = {}
+    if rank == 0:  # rank 0 calls; every other rank skips the call
+        t0 = time.monotonic()
+        out = allreduce_rms.rms_norm(x, w, 1e-6, ws)
+        try:
+            ws.synchronize()
+            result["message"] = None
+        except TimeoutError as exc:
+            result["message"] = str(exc)
+        result["elapsed"] = time.monotonic() - t0
+        result["all_nan"] = bool(torch.isnan(out).all())
+    dist.barrier()
+    ws.close()
+    return result
+
+
+def test_wide_row_peer_that_skips_a_call_raises_timeout_with_nan_rows():
+    r0 = run_ranks(_wide_peer_skips_worker, WORLD, backend="nccl", timeout=120)[0]
+    assert r0["message"] is not None and "rms_norm" in r0["message"] and "rank 0" in r0["message"], r0
+    assert r0["elapsed"] < 10 and r0["all_nan"], r0

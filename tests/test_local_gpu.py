@@ -85,3 +85,146 @@ def test_output_is_poisoned_then_fully_written():
     out = torch.full_like(x, float("nan"))
     allreduce_rms.rms_norm(x, w, out=out)
     assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- rows of any width (issue 15)
+# Rows the register-resident kernel cannot hold go to the wide-row kernel: 16-bit rows above
+# 32768 and fp32 rows above 16384 elements (32776, 65536; 16388), rows beyond the unaligned scalar
+# path's 4096 (4097, 4100 in 16-bit types), and odd widths that stay on the fast kernel (1, 3).
+ANY_WIDTHS = [1, 3, 4097, 4100, 16388, 32776, 65536]
+ANY_TOKENS = [1, 5, 300]
+# (q_size, kv_size): MiniMax-M2's full q and k on one rank (30720 + 4096: wide-row in every
+# dtype), and a scalar-path pair past 4096 elements.
+ANY_QK_WIDTHS = [(30720, 4096), (4097, 3)]
+
+
+def _edgy_rows(tokens, width, dtype, device, seed):
+    """[T, W] normal rows whose first and last 8 columns are 16x larger, so they hold a large
+    share of the sum of squares (a kernel that drops a row's unaligned head or tail, or never
+    writes it, fails by far more than the tolerance), and whose token t is scaled by 1 + t % 3
+    (a statistic applied to the wrong token fails too)."""
+    g = torch.Generator().manual_seed(seed)
+    edge = torch.ones(width)
+    edge[:8] = 16.0
+    edge[-8:] = 16.0
+    rows = 1.0 + (torch.arange(tokens) % 3).double()
+    x = torch.randn(tokens, width, generator=g, dtype=torch.float64) * edge.double() * rows[:, None]
+    return x.to(dtype).to(device)
+
+
+def _weight(width, dtype, device, seed, offset=0):
+    """[width] weight near 1 of `dtype`; offset > 0 makes it a view `offset` elements into a
+    larger tensor (contiguous, but its pointer off 16-byte alignment)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (1 + 0.2 * torch.randn(width + offset, generator=g)).to(dtype).to(device)
+    return w[offset:]
+
+
+def _check_rms_norm(x, w, dtype, where):
+    """rms_norm of x (any row layout) out of place into a NaN-filled output and in place, both
+    against float64; the two must be the same bits (one kernel, same inputs)."""
+    eps = 1e-6
+    ref, = reference([x], [w], eps)
+    out = torch.full(x.shape, float("nan"), device=x.device, dtype=dtype)
+    allreduce_rms.rms_norm(x, w, eps, out=out)
+    assert rel_err(out, ref) <= TOLERANCE[dtype], (where, rel_err(out, ref))
+    inplace = x.clone() if x.is_contiguous() else x  # a column view stays one: its own layout, in place
+    allreduce_rms.rms_norm(inplace, w, eps, out=inplace)
+    assert torch.equal(inplace, out), where
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", ANY_WIDTHS)
+def test_rms_norm_rows_of_any_width(dtype, width):
+    dev = torch.device("cuda", 0)
+    for tokens in ANY_TOKENS:
+        for wdtype in (dtype, torch.float32):
+            x = _edgy_rows(tokens, width, dtype, dev, seed=width + tokens)
+            _check_rms_norm(x, _weight(width, wdtype, dev, seed=width), dtype, (tokens, wdtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [4100, 5120, 16388, 32776])
+@pytest.mark.parametrize("offset", [1, 3])
+def test_rms_norm_misaligned_column_view_of_any_width(dtype, width, offset):
+    """x = base[:, offset:] of a [T, W + offset] tensor: the row start is `offset` elements off
+    16-byte alignment and the row stride W + offset moves it from row to row, so every row has
+    its own head; the output is a fresh (aligned) tensor, so input and output are aligned at
+    different columns. The weight is misaligned too (a view one element into a larger one)."""
+    dev = torch.device("cuda", 0)
+    tokens = 37
+    base = _edgy_rows(tokens, width + offset, dtype, dev, seed=width * 7 + offset)
+    x = base[:, offset:]
+    assert x.data_ptr() % 16 != 0 and not x.is_contiguous()
+    for wdtype in (dtype, torch.float32):
+        for woff in (0, 1):
+            head = base[:, :offset].clone()
+            _check_rms_norm(x, _weight(width, wdtype, dev, seed=width, offset=woff), dtype, (wdtype, woff))
+            assert torch.equal(base[:, :offset], head)  # columns left of the view untouched
+            x.copy_(_edgy_rows(tokens, width + offset, dtype, dev, seed=width * 7 + offset)[:, offset:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_size,kv_size", ANY_QK_WIDTHS)
+def test_qk_norm_rows_of_any_width(dtype, q_size, kv_size):
+    dev = torch.device("cuda", 0)
+    eps = 1e-6
+    for tokens in ANY_TOKENS:
+        for wdtype in (dtype, torch.float32):
+            qkv = _edgy_rows(tokens, q_size + 2 * kv_size, dtype, dev, seed=q_size + tokens)
+            qw = _weight(q_size, wdtype, dev, seed=1)
+            kw = _weight(kv_size, wdtype, dev, seed=2)
+            q_ref, = reference([qkv[:, :q_size]], [qw], eps)
+            k_ref, = reference([qkv[:, q_size:q_size + kv_size]], [kw], eps)
+            v_before = qkv[:, q_size + kv_size:].clone()
+            q, k = allreduce_rms.qk_norm(qkv, qw, kw, q_size, kv_size, eps)
+            assert rel_err(q, q_ref) <= TOLERANCE[dtype], (tokens, wdtype, rel_err(q, q_ref))
+            assert rel_err(k, k_ref) <= TOLERANCE[dtype], (tokens, wdtype, rel_err(k, k_ref))
+            q2, k2 = allreduce_rms.qk_norm(qkv, qw, kw, q_size, kv_size, eps, inplace=True)
+            assert torch.equal(q2, q) and torch.equal(k2, k)
+            assert q2.data_ptr() == qkv.data_ptr()
+            assert torch.equal(qkv[:, q_size + kv_size:], v_before)  # v untouched
+
+
+@pytest.fixture
+def wide_row_kernel_forced():
+    """Yields a function that forces the wide-row kernel for every row (set_plan_override with
+    vectors_per_thread = -1, at the given warps per block, 0 = its default); reset afterwards."""
+    front, device_type = _native.front(), _native.dl_device_type()
+
+    def force(warps=0):
+        front.set_plan_override(device_type, warps, -1, 0)
+
+    try:
+        yield force
+    finally:
+        front.set_plan_override(device_type, 0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("warps", [0, 1, 4])
+def test_wide_row_kernel_forced_on_every_width(dtype, warps, wide_row_kernel_forced):
+    """The wide-row kernel on the widths the fast kernel usually takes (heads and tails of every
+    length, one-warp and few-warp blocks), so its edges are checked beyond the widths that reach it
+    on their own; the in-place and out-of-place results agree bit for bit."""
+    wide_row_kernel_forced(warps)
+    dev = torch.device("cuda", 0)
+    for width in (1, 3, 8, 24, 100, 3072, 4096):
+        for tokens in (1, 7, 1000):
+            x = _edgy_rows(tokens, width, dtype, dev, seed=width + tokens)
+            _check_rms_norm(x, _weight(width, torch.float32, dev, seed=width), dtype, (width, tokens))
+    base = _edgy_rows(65, 257, dtype, dev, seed=3)
+    _check_rms_norm(base[1:, 1:], _weight(256, dtype, dev, seed=4, offset=1), dtype, "unaligned view")
+    eps = 1e-6
+    for q_size, kv_size in WIDTHS:
+        qkv = _edgy_rows(99, q_size + 2 * kv_size, dtype, dev, seed=q_size)
+        qw, kw = _weight(q_size, dtype, dev, seed=5), _weight(kv_size, torch.float32, dev, seed=6)
+        q_ref, = reference([qkv[:, :q_size]], [qw], eps)
+        k_ref, = reference([qkv[:, q_size:q_size + kv_size]], [kw], eps)
+        q, k = allreduce_rms.qk_norm(qkv, qw, kw, q_size, kv_size, eps)
+        assert rel_err(q, q_ref) <= TOLERANCE[dtype] and rel_err(k, k_ref) <= TOLERANCE[dtype], (q_size, kv_size)
+
+
+def test_plan_override_rejects_unknown_vectors_per_thread():
+    with pytest.raises(ValueError, match="wide-row"):
+        _native.front().set_plan_override(_native.dl_device_type(), 0, 3, 0)

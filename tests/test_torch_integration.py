@@ -56,7 +56,7 @@ def test_ops_are_registered_with_the_documented_schemas() -> None:
     assert schemas["rms_norm"] == "allreduce_rms::rms_norm(Tensor x, Tensor weight, float eps, str workspace) -> Tensor"
     assert "qk_norm(Tensor qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, float eps, " \
            "str workspace) -> (Tensor, Tensor)" in schemas["qk_norm"]
-    assert "qk_norm_(Tensor(a0!) qkv," in schemas["qk_norm_"] and schemas["qk_norm_"].endswith("-> ()")
+    assert "qk_norm_(Tensor(a!) qkv," in schemas["qk_norm_"] and schemas["qk_norm_"].endswith("-> ()")
 
 
 

@@ -44,6 +44,8 @@ Results (rank 0's return value; the CLI writes it with ``--json``)::
                "graph_us_p20", "graph_us_p80", "eager_us_p20", "eager_us_p80", "host_us_p20", "host_us_p80"}],
               # roofline rows: the bound in graph_us (GPU) and eager_us, plus "bytes"
      "ratios": [{"shape", "T", "fused_us", "fused_over_roofline", "baseline_over_fused": {method: x}}],
+     "host": [{"T", "method", "call", "host_us", "host_us_p20", "host_us_p80", "ratio_to_floor"}] | None,
+              # eager host time per call (allreduce_rms.host_bench), None with "host_skipped": why
      "targets": {"setup", "notes", "met", "missed",
                  "rows": [{"name", "T", "kind", "limit", "unit", "measured", "status", "text", ...}]},
      "config": {...}, "env": {...}, "elapsed_s": ...}
@@ -72,6 +74,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from . import host_bench
 from ._collectives import all_gather_strings, tensor_device
 
 METHODS = ("fused", "fallback", "unfused_eager", "unfused_compiled", "symm_mem_oneshot", "roofline")
@@ -134,8 +137,8 @@ TARGETS = (
     {"name": "T=4096", "T": 4096, "limit_us": 20.0, "reference_kernel_us": 30.97},
     {"name": "T=8192", "T": 8192, "roofline_factor": 1.25, "design_us": 35.0, "reference_kernel_us": 57.30},
     {"name": "T=16384", "T": 16384, "roofline_factor": 1.25, "design_us": 70.0, "reference_kernel_us": 108.4},
-    {"name": "eager host overhead", "T": 1, "host_limit_us": 10.0},
 )
+# and the eager host-time targets of issue 14 (allreduce_rms.host_bench: ratios to x.add_(0))
 
 
 @dataclasses.dataclass
@@ -826,12 +829,7 @@ def evaluate_targets(results: Dict[str, Any]) -> Dict[str, Any]:
         entry: Dict[str, Any] = {"name": target["name"], "T": tokens, "status": "not measured", "measured": None,
                                  "limit": None, "unit": "us", "reference_kernel_us": target.get("reference_kernel_us")}
         fused_row = lookup(results, shape, tokens, "fused")
-        if "host_limit_us" in target:
-            entry["kind"] = "host"
-            entry["limit"] = target["host_limit_us"]
-            entry["what"] = "fused eager host time per call (enqueue only)"
-            measured = fused_row.get("host_us") if fused_row and not fused_row.get("error") else None
-        elif "limit_us" in target:
+        if "limit_us" in target:
             entry["kind"] = "graph"
             entry["limit"] = target["limit_us"]
             entry["what"] = "fused CUDA-graph time per call"
@@ -862,6 +860,7 @@ def evaluate_targets(results: Dict[str, Any]) -> Dict[str, Any]:
                 entry["why"] = "no CUDA-graph timing (CPU run)" if timing != "graph" else "roofline missing"
         entry["text"] = describe_target(entry)
         rows.append(entry)
+    rows += host_bench.evaluate_host_targets(results.get("host"), results.get("host_skipped"))
     return {"setup": dict(TARGET_SETUP), "notes": notes, "rows": rows,
             "met": sum(r["status"] == "met" for r in rows), "missed": sum(r["status"] == "missed" for r in rows)}
 
@@ -869,6 +868,8 @@ def evaluate_targets(results: Dict[str, Any]) -> Dict[str, Any]:
 def describe_target(entry: Dict[str, Any]) -> str:
     """One line: 'met: 2.91 µs <= 3.2 µs' / 'missed: 1.41x roofline > 1.25x roofline' / ..."""
     limit = entry["limit"]
+    if entry["unit"] == "x floor":  # a host target (allreduce_rms.host_bench)
+        return str(entry["text"])
     if entry["unit"] == "us":
         limit_text = f"{limit:g} µs"
         value_text = f"{entry['measured']:.2f} µs" if entry["measured"] is not None else ""
@@ -946,6 +947,15 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: Optional[Progres
         rows = run_benchmark(ctx, spaces, methods, _median(samples), symm)
         ctx.report("phase", "measuring the machine's floors")
         floors = measure_floors(ctx, spaces)
+        host_skipped = fused_skip or (None if ctx.cuda else "host times are measured on GPUs only")
+        host_rows = None
+        if host_skipped is None and "fused" in methods:
+            ctx.report("phase", "measuring eager host time per call")
+            q_size, kv_size = SHAPES[TARGET_SETUP["shape"]].sizes(ctx.world)
+            host_rows = host_bench.measure_host_rows(ctx, spaces["fused"], q_size, kv_size, DTYPES[cfg.dtype],
+                                                     list(cfg.tokens))
+        elif host_skipped is None:
+            host_skipped = "the fused method was not asked for"
         ctx.sync()
     finally:
         symm.buf = None
@@ -986,6 +996,8 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: Optional[Progres
                    f"{cfg.eager_iters} eager samples per row; slowest rank)"),
         "check": check,
         "rows": rows,
+        "host": host_rows,          # allreduce_rms.host_bench: eager host us per call, ratio to x.add_(0)
+        "host_skipped": host_skipped,
     }
     finalize(results)
     results["elapsed_s"] = time.perf_counter() - started

@@ -59,10 +59,6 @@ __all__ = ["qk_norm", "qk_norm_separate", "rms_norm", "traced_qk_norm", "traced_
 _NAMESPACE = "allreduce_rms"
 
 
-def _workspace(key: str) -> Optional[Workspace]:
-    return lookup(key) if key else None
-
-
 def _check_qk(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int) -> None:
     """The checks of ops.qk_norm that can run on fake tensors (same messages as eager)."""
     ops._check_tensor("qkv", qkv)
@@ -79,25 +75,49 @@ def _check_qk(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
 
 
 # ------------------------------------------------------------------------- the custom ops
-@torch.library.custom_op(f"{_NAMESPACE}::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, workspace: str) -> torch.Tensor:
-    return ops.rms_norm(x, weight, eps, _workspace(workspace))
+# Registered with a bare torch.library.Library: define the schema, implement it for the CPU and
+# CUDA dispatch keys with plain Python functions, and register_fake for tracing. The
+# torch.library.custom_op decorator would add its own Python layer around every call (about
+# 12 us on an H200 host for a do-nothing op, against 3 us for a bare Library.impl:
+# benchmarks/results/host-profile-*.json), more than the fused kernel takes at decode.
+# With no autograd kernel registered, torch's default one passes inference calls through.
+_library = torch.library.Library(_NAMESPACE, "DEF")
+_library.define("rms_norm(Tensor x, Tensor weight, float eps, str workspace) -> Tensor")
+_library.define("qk_norm(Tensor qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, float eps, "
+                "str workspace) -> (Tensor, Tensor)")
+_library.define("qk_norm_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, "
+                "float eps, str workspace) -> ()")
 
 
-@_rms_norm_op.register_fake
+def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, workspace: str) -> torch.Tensor:
+    return ops.rms_norm(x, weight, eps, lookup(workspace) if workspace else None)
+
+
+def _qk_norm_impl(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int,
+                  eps: float, workspace: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, lookup(workspace) if workspace else None)
+
+
+def _qk_norm_inplace_impl(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int,
+                          kv_size: int, eps: float, workspace: str) -> None:
+    ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, lookup(workspace) if workspace else None,
+                inplace=True)
+
+
+for _key_name in ("CPU", "CUDA"):  # torch's "CUDA" key also serves ROCm builds
+    _library.impl("rms_norm", _rms_norm_impl, _key_name)
+    _library.impl("qk_norm", _qk_norm_impl, _key_name)
+    _library.impl("qk_norm_", _qk_norm_inplace_impl, _key_name)
+
+
+@torch.library.register_fake(f"{_NAMESPACE}::rms_norm", lib=_library)
 def _(x: torch.Tensor, weight: torch.Tensor, eps: float, workspace: str) -> torch.Tensor:
     ops._check_tensor("x", x)
     ops._check_weight("weight", weight, x.shape[-1], x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)  # what ops.rms_norm returns
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::qk_norm", mutates_args=())
-def _qk_norm_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int,
-                eps: float, workspace: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, _workspace(workspace))
-
-
-@_qk_norm_op.register_fake
+@torch.library.register_fake(f"{_NAMESPACE}::qk_norm", lib=_library)
 def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int, eps: float,
       workspace: str) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
@@ -105,13 +125,7 @@ def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size:
     return qkv.new_empty(lead + (q_size,)), qkv.new_empty(lead + (kv_size,))
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::qk_norm_", mutates_args=("qkv",))
-def _qk_norm_inplace_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int,
-                        kv_size: int, eps: float, workspace: str) -> None:
-    ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, _workspace(workspace), inplace=True)
-
-
-@_qk_norm_inplace_op.register_fake
+@torch.library.register_fake(f"{_NAMESPACE}::qk_norm_", lib=_library)
 def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int, eps: float,
       workspace: str) -> None:
     _check_qk(qkv, q_weight, k_weight, q_size, kv_size)

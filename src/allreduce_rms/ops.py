@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _native, fallback, variants
+from . import _hot_path, _native, fallback, variants
 from . import workspace as _workspace
 from ._collectives import all_gather_ints
 from .workspace import Workspace, WorkspaceError
@@ -42,10 +42,20 @@ def set_debug(enabled: Optional[bool]) -> None:
     _debug_override = None if enabled is None else bool(enabled)
 
 
+try:  # os.environ.get costs ~1.3 us per call; its encoded dict is the same data, read in ~0.05 us
+    _ENVIRON_DATA = os.environ._data  # type: ignore[attr-defined]
+    _DEBUG_KEY = os.environ.encodekey("ALLREDUCE_RMS_DEBUG")  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENVIRON_DATA, _DEBUG_KEY = None, None
+
+
 def _debug() -> bool:
     if _debug_override is not None:
         return _debug_override
-    return os.environ.get("ALLREDUCE_RMS_DEBUG", "0") not in ("", "0")
+    if _ENVIRON_DATA is not None:
+        value = _ENVIRON_DATA.get(_DEBUG_KEY)
+        return value is not None and value not in (b"", b"0", "", "0")
+    return os.environ.get("ALLREDUCE_RMS_DEBUG", "0") not in ("", "0")  # pragma: no cover
 
 # One normalized column range on the pure-torch path: (input view [T, W], output view [T, W], weight [W]).
 Segment = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -127,10 +137,14 @@ def rms_norm(
             or weight_offset != 0.0 or gate_act != "silu" or gate_position != "before"):  # a variant: torch path
         return variants.rms_norm_variant(x, weight, eps, workspace, out, gate, gate_act, gate_position, group_size,
                                          weight_offset, norm_width, weight_in_input_dtype)
+    served = _hot_path.rms_norm(x, weight, eps, workspace, out, _debug)
+    if served is not None:
+        return served  # a call shape validated before (see allreduce_rms._hot_path)
     _check_tensor("x", x)
     width = x.shape[-1]
     _check_weight("weight", weight, width, x)
     x2 = _rows("x", x)
+    out_given, eps_given = out, eps
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
@@ -142,6 +156,12 @@ def rms_norm(
     tokens = x2.shape[0]
     eps, world = _prepare(OP_RMS_NORM, x, tokens, (width,), eps, workspace)
     if x.is_cuda and _native.kernels_ready():
+        if x.dim() == 2 and (world == 1 or workspace.path == "fused"):  # type: ignore[union-attr]
+            out_stride = width if out_given is None else out.stride(0)
+            key = _hot_path.rms_norm_key(x, weight, eps_given, out_given)
+            entry = _remember(key, workspace, x, world, OP_RMS_NORM, eps,
+                              ((_DTYPES[weight.dtype], x.stride(0), out_stride, width, width * world),), 0)
+            return _hot_path.launch_rms_norm(entry, x, weight, out)
         args = (x2.data_ptr(), out2.data_ptr(), weight.data_ptr(), _DTYPES[weight.dtype], x2.stride(0),
                 out2.stride(0), width, width * world) + _NO_SEGMENT
         _run_gpu(OP_RMS_NORM, x, tokens, args, 1, eps, workspace, world)
@@ -191,6 +211,12 @@ def qk_norm(
             not equal to q_size + 2*kv_size, weight_offset not finite.
         TimeoutError, WorkspaceError, RuntimeError: as :func:`rms_norm`.
     """
+    plain = weight_in_input_dtype is False and weight_offset == 0.0 and type(weight_offset) in (float, int)
+    if plain:  # a variant must never be served by a remembered kernel call shape
+        served = _hot_path.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace, _debug)
+        if served is not None:
+            return served  # a call shape validated before (see allreduce_rms._hot_path)
+    eps_given = eps
     _check_tensor("qkv", qkv)
     q_size = _positive_int("q_size", q_size)
     kv_size = _positive_int("kv_size", kv_size)
@@ -201,12 +227,18 @@ def qk_norm(
     _check_weight("k_weight", k_weight, kv_size, qkv)
     rows = _rows("qkv", qkv)
     tokens = rows.shape[0]
-    plain = weight_in_input_dtype is False and weight_offset == 0.0 and type(weight_offset) in (float, int)
     if not plain:
         variant = variants.check_variant(weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
     op = OP_QK_NORM if plain else variants.debug_op(OP_QK_NORM, variant)
     eps, world = _prepare(op, qkv, tokens, (q_size, kv_size), eps, workspace)
     lead = qkv.shape[:-1]
+    if plain and qkv.is_cuda and _native.kernels_ready() and qkv.dim() == 2 and (world == 1 or workspace.path == "fused"):  # type: ignore[union-attr]
+        key = _hot_path.qk_norm_key(qkv, q_weight, k_weight, q_size, kv_size, eps_given, inplace)
+        stride = qkv.stride(0)
+        segments = ((_DTYPES[q_weight.dtype], stride, stride if inplace else q_size, q_size, q_size * world),
+                    (_DTYPES[k_weight.dtype], stride, stride if inplace else kv_size, kv_size, kv_size * world))
+        entry = _remember(key, workspace, qkv, world, OP_QK_NORM, eps, segments, q_size)
+        return _hot_path.launch_qk_norm(entry, qkv, q_weight, k_weight, kv_size, inplace)
     if plain and qkv.is_cuda and _native.kernels_ready():
         # The hot path: q and k as pointer offsets into qkv, no view objects (each costs ~2 us).
         base, stride, step = rows.data_ptr(), rows.stride(0), rows.element_size()
@@ -309,6 +341,14 @@ def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- dispatch
+def _remember(key: tuple, ws: Optional[Workspace], x: torch.Tensor, world: int, op: int, eps: float,
+              segments: tuple, q_size: int) -> "_hot_path._Prepared":
+    """Record a validated 2-D call shape for the hot path (fused or one-rank launches only)."""
+    native_ws = ws._native if world > 1 else None  # type: ignore[union-attr]
+    return _hot_path.remember(ws, key, native_ws, x.get_device(), op, _DTYPES[x.dtype], eps, segments, q_size,
+                              x.element_size())
+
+
 _NO_SEGMENT = (0, 0, 0, 0, 0, 0, 0, 0)  # the second segment's arguments when there is only one
 
 

@@ -241,6 +241,41 @@ def _timing_cell(row: Optional[Dict[str, Any]], key: str, extra: str = "") -> An
     return text
 
 
+def host_table(results: Dict[str, Any]) -> Optional[tuple]:
+    """(headers, rows): eager host us per call and its ratio to x.add_(0), per T and call; None
+    when the run has no host rows (allreduce_rms.host_bench)."""
+    rows = results.get("host")
+    if not rows:
+        return None
+    columns = [(r["method"], r["call"]) for r in rows if r["T"] == rows[0]["T"] and r["method"] != "eager_floor"]
+    headers = ["T", "x.add_(0)"] + [f"{call} ({'custom op' if method == 'fused_custom_op' else 'public'})"
+                                    for method, call in columns]
+    table = []
+    for tokens in sorted({r["T"] for r in rows}):
+        mine = {(r["method"], r["call"]): r for r in rows if r["T"] == tokens}
+        floor = next((r for r in mine.values() if r["method"] == "eager_floor"), None)
+        line = [str(tokens), fmt_us(floor["host_us"]) if floor else "-"]
+        for column in columns:
+            r = mine.get(column)
+            line.append(f"{fmt_us(r['host_us'])} ({fmt_ratio(r['ratio_to_floor'])})" if r else "-")
+        table.append(line)
+    return headers, table
+
+
+def _host_renderables(results: Dict[str, Any]) -> List[Any]:
+    from rich.text import Text
+
+    table = host_table(results)
+    if table is None:
+        return []
+    headers, rows = table
+    out = [Text(f"Eager host time per call, fused path, {US} (ratio to x.add_(0) in the same run)", style="bold")]
+    rich = _rich_table(headers)
+    for line in rows:
+        rich.add_row(*line)
+    return out + [rich, Text("")]
+
+
 def _shape_renderables(results: Dict[str, Any], shape: str) -> List[Any]:
     key = "graph_us" if results.get("timing") == "graph" else "eager_us"
     methods = _methods(results)
@@ -346,6 +381,7 @@ def renderables(results: Dict[str, Any]) -> List[Any]:
         out.append(Text("Errors:", style="bold red"))
         out += [Text(f"  {e}") for e in errors]
     out.append(Text(""))
+    out += _host_renderables(results)
     out += _target_renderables(results.get("targets") or evaluate_targets(results))
     return out
 
@@ -391,6 +427,10 @@ def render_markdown(all_results: Sequence[Dict[str, Any]]) -> str:
         errors = _errors(results)
         if errors:
             out += ["", "Errors:", ""] + [f"- {e}" for e in errors]
+        host = host_table(results)
+        if host:
+            out += ["", f"Eager host time per call, fused path, {US} (ratio to `x.add_(0)` in the same run):", "",
+                    _md_table(*host)]
         targets = results.get("targets") or evaluate_targets(results)
         out += ["", "| target | status | TRT-LLM kernel |", "|---|---|---:|"]
         for entry in targets.get("rows", []):

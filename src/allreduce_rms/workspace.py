@@ -252,6 +252,7 @@ class Workspace:
         self._native: Any = None
         self._closed = False
         self._pid = _pid
+        self._hot_calls: Dict[tuple, Any] = {}  # validated call shapes (allreduce_rms._hot_path)
         with _lock:
             _counter += 1
             self.key = f"ws{_counter}"
@@ -457,6 +458,7 @@ class Workspace:
             dist.barrier(group=self.group)
             self._release_native()
         self._closed = True
+        self._hot_calls.clear()  # their prepared launches hold the native workspace
         _registry.pop(self.key, None)
         for k, v in list(_cache.items()):
             if v is self:

@@ -1,0 +1,260 @@
+// The wide-row kernel: rows that the register-resident norm_kernel cannot hold.
+//
+// norm_kernel keeps a token's row in registers from load to store, so a block holds at most
+// 512 threads x 8 vectors (32768 16-bit elements, 16384 fp32; 4096 on its unaligned scalar
+// path). The launcher picks this kernel only for rows beyond that (or rows it cannot take on
+// its vector path), so the common widths keep norm_kernel and its speed. It computes the same
+//
+//   sum_sq[t, s] = sum over ranks of sum_j x_s[t, j]^2      (fp32)
+//   out_s[t, j]  = x_s[t, j] * rsqrt(sum_sq[t, s] / full_width_s + eps) * w_s[j]
+//
+// in every mode (ArmsMode: LOCAL, STATS_OUT, STATS_IN, LAMPORT) with the same KernelParams.
+//
+// Work layout: one block is one token at a time; a block walks t = blockIdx.x, + gridDim.x, ...
+// (the grid clamped by the launcher to co-resident blocks, as for norm_kernel). Per token:
+//   pass 1  row_sum_of_squares: walk each segment's row in column chunks, accumulating fp32
+//           sums of squares; block_partials reduces them to the block's (this rank's) partials;
+//   publish + exchange: exactly norm_kernel's (send_partials / exchanged_sums of lamport.cuh,
+//           with their bounded waits and NaN poisoning; the epoch handled by read_epoch and
+//           finish_launch): no second protocol;
+//   pass 2  normalize_row: re-read the row (just read, so mostly from L2), normalize, store.
+// In place (out == in) stays right: pass 1 only reads, and in pass 2 each element is read and
+// then written by the same thread, with no other thread touching it.
+//
+// Alignment: a row (of one segment, of one token) is split at the 16-byte boundaries of its
+// *input*: a head of fewer than VEC elements before the first boundary, a middle of whole
+// 16-byte vectors, and a tail of fewer than VEC elements; head and tail use element accesses.
+// The output and the weight get 16-byte accesses where they are aligned at the same columns,
+// element accesses otherwise (a uniform branch per row). Every column belongs to exactly one
+// thread, in an order fixed by the row's width and its input's address, so the same inputs give
+// the same bits; the ranks' totals agree bit for bit as in norm_kernel (every rank adds the same
+// N partials in rank order).
+#pragma once
+
+#include "backend_api.h"
+#include "lamport.cuh"
+#include "norm_kernel.cuh"
+#include "platform.h"
+#include "vec.cuh"
+
+namespace arms {
+
+constexpr int kWideRowThreads = kMaxBlockThreads;  // the default block (the launcher may override)
+constexpr int kWideRowUnroll = 4;                  // 16-byte loads in flight per thread per step
+
+// One segment of one row, split at the 16-byte boundaries of its input (see the file comment).
+struct RowSplit {
+  int head;        // elements [0, head): before the first 16-byte boundary, element accesses
+  int vecs;        // whole VEC-element vectors in [head, tail)
+  int tail;        // elements [tail, width): after the last whole vector, element accesses
+  int width;
+};
+
+template <class D, int VEC>
+__device__ __forceinline__ RowSplit row_split(const typename D::storage* row, int width) {
+  // The launcher checks that every pointer and row stride is a whole number of elements, so the
+  // distance to the next 16-byte boundary is too.
+  const int to_boundary = static_cast<int>((16u - (reinterpret_cast<uintptr_t>(row) & 15u)) & 15u);
+  const int head = min(to_boundary / static_cast<int>(sizeof(typename D::storage)), width);
+  const int vecs = (width - head) / VEC;
+  return RowSplit{head, vecs, head + vecs * VEC, width};
+}
+
+template <class D>
+__device__ __forceinline__ const typename D::storage* input_row(const KernelSegment& g, int token) {
+  return static_cast<const typename D::storage*>(g.in) + static_cast<int64_t>(token) * g.in_stride;
+}
+
+template <class D>
+__device__ __forceinline__ typename D::storage* output_row(const KernelSegment& g, int token) {
+  return static_cast<typename D::storage*>(g.out) + static_cast<int64_t>(token) * g.out_stride;
+}
+
+// This thread's fp32 sum of squares of one segment's row (pass 1). The middle goes in steps of
+// kWideRowUnroll vectors per thread (loads first, then the math, so the loads overlap), each into
+// its own accumulator; the head and tail elements, fewer than VEC each, one per thread.
+template <class D, int VEC>
+__device__ __forceinline__ float row_sum_of_squares(const typename D::storage* row, const RowSplit& s) {
+  float acc[kWideRowUnroll] = {};
+  const int step = kWideRowUnroll * static_cast<int>(blockDim.x);
+  for (int j0 = threadIdx.x; j0 < s.vecs; j0 += step) {
+    Vec<D, VEC> x[kWideRowUnroll];
+#pragma unroll
+    for (int u = 0; u < kWideRowUnroll; ++u) {
+      const int j = j0 + u * static_cast<int>(blockDim.x);
+      if (j < s.vecs) x[u].load(row + s.head + j * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kWideRowUnroll; ++u) {
+      const int j = j0 + u * static_cast<int>(blockDim.x);
+      if (j < s.vecs) acc[u] += x[u].sum_of_squares();
+    }
+  }
+  float edges = 0.f;
+  if (static_cast<int>(threadIdx.x) < s.head) {
+    const float v = D::to_float(row[threadIdx.x]);
+    edges = v * v;
+  }
+  if (s.tail + static_cast<int>(threadIdx.x) < s.width) {
+    const float v = D::to_float(row[s.tail + threadIdx.x]);
+    edges = fmaf(v, v, edges);
+  }
+  float total = edges;
+#pragma unroll
+  for (int u = 0; u < kWideRowUnroll; ++u) total += acc[u];
+  return total;
+}
+
+// Weights of columns [col, col + N) as floats: one vector access when `aligned` (the caller
+// checked the address of the first column; later columns keep it, N weights at a time), else N
+// element accesses.
+template <int N>
+__device__ __forceinline__ void load_weight_at(const void* base, int dtype, int64_t col, bool aligned, float (&w)[N]) {
+  if (aligned) {
+    load_weight<N>(base, dtype, col, w);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) load_weight<1>(base, dtype, col + k, &w[k]);
+  }
+}
+
+__device__ __forceinline__ bool aligned16_at(const void* base, int64_t col, int elem_bytes) {
+  return ((reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(col * elem_bytes)) & 15u) == 0;
+}
+
+// Pass 2: out = x * scale * w over one segment's row, x re-read from `in` (L2, mostly).
+template <class D, int VEC>
+__device__ __forceinline__ void normalize_row(const KernelSegment& g, const typename D::storage* in,
+                                              typename D::storage* out, const RowSplit& s, float scale) {
+  using S = typename D::storage;
+  const int weight_bytes = g.weight_dtype == ARMS_F32 ? 4 : 2;
+  // Uniform per row: the output's and the weight's alignment at the first middle column.
+  const bool out_vector = aligned16_at(out, s.head, sizeof(S));
+  const bool weight_vector = aligned16_at(g.weight, s.head, weight_bytes);
+  const int step = kWideRowUnroll * static_cast<int>(blockDim.x);
+  for (int j0 = threadIdx.x; j0 < s.vecs; j0 += step) {
+    Vec<D, VEC> x[kWideRowUnroll];
+#pragma unroll
+    for (int u = 0; u < kWideRowUnroll; ++u) {
+      const int j = j0 + u * static_cast<int>(blockDim.x);
+      if (j < s.vecs) x[u].load(in + s.head + j * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kWideRowUnroll; ++u) {
+      const int j = j0 + u * static_cast<int>(blockDim.x);
+      if (j >= s.vecs) continue;
+      const int col = s.head + j * VEC;
+      float w[VEC];
+      load_weight_at<VEC>(g.weight, g.weight_dtype, col, weight_vector, w);
+      Vec<D, VEC> y;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y.set(k, x[u].get(k) * scale * w[k]);
+      if (out_vector) {
+        y.store(out + col);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[col + k] = y.v[k];
+      }
+    }
+  }
+  // Head and tail, one element per thread: the same math as the middle's.
+  auto edge = [&](int col) {
+    float w[1];
+    load_weight_at<1>(g.weight, g.weight_dtype, col, false, w);
+    out[col] = D::from_float(D::to_float(in[col]) * scale * w[0]);
+  };
+  if (static_cast<int>(threadIdx.x) < s.head) edge(threadIdx.x);
+  if (s.tail + static_cast<int>(threadIdx.x) < s.width) edge(s.tail + threadIdx.x);
+}
+
+// Two blocks per SM (the occupancy hint caps registers at 64 per thread on NVIDIA): rows stream
+// through memory here, so warps in flight matter more than registers. At 512 threads and no hint,
+// ptxas took 97 registers (one block, 16 warps per SM); with it, a few words of per-launch state
+// spill (to L1, touched once per token, not per element).
+template <class D, int MODE>
+__global__ void __launch_bounds__(kWideRowThreads, 2) wide_row_kernel(const KernelParams p) {
+  constexpr int VEC = 16 / sizeof(typename D::storage);
+  constexpr bool kSums = MODE != ARMS_MODE_STATS_IN;
+  constexpr bool kNormalizes = MODE != ARMS_MODE_STATS_OUT;
+  constexpr bool kLamport = MODE == ARMS_MODE_LAMPORT;
+  __shared__ float2 warp_sums[2][kMaxGroupWarps];  // [token parity][warp], as in norm_kernel
+
+  const bool tracing = kLamport && p.lamport.trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
+  const uint64_t entered = tracing ? platform::timer_ns() : 0;
+  const int lane = threadIdx.x % platform::kWarpSize;
+
+  // Nothing of the previous kernel in the stream (inputs, workspace state) is read before this.
+  platform::pdl_wait();
+  // As in norm_kernel: dependents launch once every block has passed this line, and stop at
+  // their own pdl_wait() until this grid has finished.
+  platform::pdl_trigger();
+  const uint64_t waited = tracing ? platform::timer_ns() : 0;
+
+  Epoch e = {};
+  uint64_t* trace = nullptr;
+  if constexpr (kLamport) {
+    e = read_epoch(p.lamport, lane);  // every warp reads and counts itself (finish_launch waits for all)
+    if (tracing) {
+      trace = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
+      trace[kTraceEntry] = entered;
+      trace[kTraceWaited] = waited;
+    }
+  }
+
+  int parity = 0;  // block_partials' shared buffer of this token; between two uses of one parity
+                   // lies the other token's barrier, which every reader of the first has passed
+  for (int t = blockIdx.x; t < p.tokens; t += gridDim.x, parity ^= 1) {
+    const bool first = t == static_cast<int>(blockIdx.x);
+    float2 partial = make_float2(0.f, 0.f);
+    if constexpr (kSums) {
+      float2 mine = make_float2(0.f, 0.f);
+      {
+        const typename D::storage* row = input_row<D>(p.seg[0], t);
+        mine.x = row_sum_of_squares<D, VEC>(row, row_split<D, VEC>(row, p.seg[0].vecs));
+      }
+      if (p.num_segments == 2) {
+        const typename D::storage* row = input_row<D>(p.seg[1], t);
+        mine.y = row_sum_of_squares<D, VEC>(row, row_split<D, VEC>(row, p.seg[1].vecs));
+      }
+      // the same bits in every thread (block_partials' fixed order), so what we send is what we add
+      partial = block_partials(mine, parity, warp_sums);
+      if (trace && first) trace[kTraceLoaded] = platform::timer_ns();
+    }
+    if constexpr (kLamport) {
+      if (threadIdx.x < platform::kWarpSize && !e.failed)
+        send_partials(p.lamport, e, t, p.num_segments, partial.x, partial.y, lane);
+      if (trace && first) trace[kTraceSent] = platform::timer_ns();
+    }
+    if constexpr (MODE == ARMS_MODE_STATS_OUT) {
+      if (threadIdx.x == 0) {
+        p.stats[static_cast<int64_t>(t) * p.num_segments] = partial.x;
+        if (p.num_segments == 2) p.stats[static_cast<int64_t>(t) * 2 + 1] = partial.y;
+      }
+    }
+    if constexpr (kNormalizes) {
+      float2 sums = partial;
+      if constexpr (kLamport) {
+        sums = exchanged_sums(p, e, t, partial);  // NaN if a peer timed out: the row is poisoned
+        if (trace && first) trace[kTraceArrived] = platform::timer_ns();
+      }
+      if constexpr (MODE == ARMS_MODE_STATS_IN) {
+        sums.x = p.stats[static_cast<int64_t>(t) * p.num_segments];
+        sums.y = p.num_segments == 2 ? p.stats[static_cast<int64_t>(t) * 2 + 1] : 0.f;
+      }
+      for (int s = 0; s < p.num_segments; ++s) {
+        const KernelSegment& g = segment(p, s);
+        const typename D::storage* in = input_row<D>(g, t);
+        const float scale = rsqrtf((s == 0 ? sums.x : sums.y) * g.inv_full_width + p.eps);
+        normalize_row<D, VEC>(g, in, output_row<D>(g, t), row_split<D, VEC>(in, g.vecs), scale);
+      }
+    }
+  }
+
+  if constexpr (kLamport) {
+    if (trace) trace[kTraceStored] = platform::timer_ns();
+    refresh_stale_packets(p.lamport, e, p.tokens, p.num_segments);
+    finish_launch(p.lamport, e, p.tokens);
+  }
+}
+
+}  // namespace arms

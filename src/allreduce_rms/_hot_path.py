@@ -1,0 +1,176 @@
+"""The eager hot path: calls of a shape that was already validated skip the validation.
+
+An eager call pays for every Python operation it makes: on an H200 host a bare ``x.add_(0)``
+costs about 10 us, ``torch.empty`` 6 us, a column view ``qkv[..., :q]`` 4 us and a call into the
+front module with 21 arguments 5 us (benchmarks/results/host-profile-*.json). Full validation of
+a qk_norm call (types, dtypes, shapes, strides, devices, sizes, eps, the workspace) reads about
+thirty tensor attributes, and used to cost more than the launch itself.
+
+The first call of a shape goes through the full validation in :mod:`allreduce_rms.ops`; if it
+takes a GPU kernel path (fused, or local on one rank) it records a :class:`_Prepared` entry
+under a key made of everything that validation looked at except the token count:
+
+    (type, dtype, device, row stride and width of the 2-D activations; type, shape, stride,
+     dtype and device of each weight; q_size and kv_size and their types; eps and its
+     type; the output mode: new tensors, in place, or an ``out`` tensor's type, dtype, device and strides)
+
+A later call whose key matches is valid by construction: the same checks on the same values
+give the same answer. What the key leaves out is checked on every call: the token count
+(against ``max_tokens`` when the workspace does not chunk, and an ``out`` tensor's rows), that
+the workspace is still open and in this process, and that debug mode is off (debug calls take
+the full path, which runs the cross-rank check). Pointers and their alignment are not part of
+the key either: the backend checks them on every launch and picks the vector width from them.
+
+Only 2-D activations are served here ([T, W]: what serving engines pass); other ranks of
+tensors take the full path every time. Entries live in a dict per workspace (and one for calls
+without a workspace), bounded by :data:`MAX_ENTRIES`, and go away with the workspace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import _native
+from . import workspace as _workspace
+
+MAX_ENTRIES = 64  # call shapes remembered per workspace; a full dict is cleared and refilled
+_no_workspace_calls: Dict[tuple, "_Prepared"] = {}
+
+
+class _Prepared:
+    """One validated call shape: the front module's PreparedNorm and what the call needs around it."""
+
+    __slots__ = ("launch", "stream", "device", "max_tokens", "world", "q_size", "k_offset")
+
+    def __init__(self, launch: Any, device: int, max_tokens: float, world: int, q_size: int, elem_bytes: int):
+        self.launch = launch          # PreparedNorm: (stream, tokens, x, out0, out1, w0, w1) -> None
+        self.stream = _raw_stream     # stream(device) -> the current stream's handle
+        self.device = device
+        self.max_tokens = max_tokens  # inf when the workspace chunks (or there is none)
+        self.world = world
+        self.q_size = q_size
+        self.k_offset = q_size * elem_bytes
+
+
+_raw_stream: Callable[[int], int] = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda device: torch.cuda.current_stream(device).cuda_stream)  # pragma: no cover - older torch
+
+
+def _calls(ws: Any) -> Dict[tuple, _Prepared]:
+    """The entry dict of workspace ws (AttributeError for anything but a Workspace or None)."""
+    return _no_workspace_calls if ws is None else ws._hot_calls
+
+
+# Every call served here also passes this test, written out in rms_norm and qk_norm below (a
+# function call costs ~0.3 us on an H200 host): the token count within max_tokens (else the full
+# path raises that error), and for a workspace: open, created in this process (else the full path
+# raises WorkspaceError), and debug mode off on a multi-rank one (else the full path runs the
+# cross-rank check).
+
+# ------------------------------------------------------------------------- keys
+def rms_norm_key(x: torch.Tensor, weight: torch.Tensor, eps: Any, out: Any) -> tuple:
+    """The key of an rms_norm call (raises AttributeError/TypeError/ValueError for arguments the
+    hot path does not serve: the caller then takes the full path)."""
+    if out is None:
+        out_key: Any = None
+    elif out is x:
+        out_key = True
+    else:
+        out_key = (type(out), out.dtype, out.device, out.stride())
+    _, width = x.shape  # ValueError unless 2-D
+    return (type(x), x.dtype, x.device, width, x.stride(), type(weight), weight.shape, weight.stride(), weight.dtype,
+            weight.device, eps, type(eps), out_key)
+
+
+def qk_norm_key(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: Any, kv_size: Any,
+                eps: Any, inplace: Any) -> tuple:
+    """The key of a qk_norm call (raises for arguments the hot path does not serve)."""
+    _, width = qkv.shape
+    return (type(qkv), qkv.dtype, qkv.device, width, qkv.stride(), q_size, type(q_size), kv_size, type(kv_size),
+            type(q_weight), q_weight.shape, q_weight.stride(), q_weight.dtype, q_weight.device, type(k_weight),
+            k_weight.shape, k_weight.stride(), k_weight.dtype, k_weight.device, eps, type(eps), bool(inplace))
+
+
+# ------------------------------------------------------------------------- calls
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Any, ws: Any, out: Optional[torch.Tensor],
+             debug: Callable[[], bool]) -> Optional[torch.Tensor]:
+    """The result of an rms_norm call served from a remembered shape, or None (take the full path)."""
+    try:
+        entry = (_no_workspace_calls if ws is None else ws._hot_calls).get(rms_norm_key(x, weight, eps, out))
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    if entry is None or x.shape[0] > entry.max_tokens or (ws is not None and (
+            ws._closed or ws._pid != _workspace._pid or (entry.world > 1 and debug()))):
+        return None
+    if out is not None and out is not x and out.shape != x.shape:
+        return None
+    return launch_rms_norm(entry, x, weight, out)
+
+
+def launch_rms_norm(entry: _Prepared, x: torch.Tensor, weight: torch.Tensor,
+                    out: Optional[torch.Tensor]) -> torch.Tensor:
+    tokens, width = x.shape
+    if out is None:
+        out = x.new_empty(tokens, width)
+    entry.launch(entry.stream(entry.device), tokens, x.data_ptr(), out.data_ptr(), 0, weight.data_ptr(), 0)
+    return out
+
+
+def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: Any, kv_size: Any, eps: Any,
+            ws: Any, inplace: Any, debug: Callable[[], bool]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The result of a qk_norm call served from a remembered shape, or None (take the full path)."""
+    try:
+        entry = (_no_workspace_calls if ws is None else ws._hot_calls).get(
+            qk_norm_key(qkv, q_weight, k_weight, q_size, kv_size, eps, inplace))
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    if entry is None or qkv.shape[0] > entry.max_tokens or (ws is not None and (
+            ws._closed or ws._pid != _workspace._pid or (entry.world > 1 and debug()))):
+        return None
+    return launch_qk_norm(entry, qkv, q_weight, k_weight, kv_size, inplace)
+
+
+def launch_qk_norm(entry: _Prepared, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                   kv_size: int, inplace: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    tokens = qkv.shape[0]
+    base = qkv.data_ptr()
+    q_size = entry.q_size
+    if inplace:
+        # views of qkv's q and k columns; as_strided costs a third of qkv[..., :q_size]
+        row_stride = qkv.stride(0)
+        q = qkv.as_strided((tokens, q_size), (row_stride, 1))
+        k = qkv.as_strided((tokens, kv_size), (row_stride, 1), qkv.storage_offset() + q_size)
+        entry.launch(entry.stream(entry.device), tokens, base, base, base + entry.k_offset, q_weight.data_ptr(),
+                     k_weight.data_ptr())
+    else:
+        q = qkv.new_empty(tokens, q_size)
+        k = qkv.new_empty(tokens, kv_size)
+        entry.launch(entry.stream(entry.device), tokens, base, q.data_ptr(), k.data_ptr(), q_weight.data_ptr(),
+                     k_weight.data_ptr())
+    return q, k
+
+
+# ------------------------------------------------------------------------- entries
+def remember(ws: Any, key: tuple, native_ws: Any, device: int, op: int, dtype: int, eps: float,
+             segments: Tuple[Tuple[int, int, int, int, int], ...], q_size: int, elem_bytes: int) -> _Prepared:
+    """Record a validated call shape and return its entry.
+
+    segments: per segment (weight dtype code, in row stride, out row stride (0: the out tensor is
+    new and contiguous, its stride is its width), width, full width); native_ws: the workspace's
+    NativeWorkspace for a fused call, None for a local one.
+    """
+    front = _native.front()
+    (wdt0, is0, os0, w0, f0) = segments[0]
+    (wdt1, is1, os1, w1, f1) = segments[1] if len(segments) > 1 else (0, 0, 0, 0, 0)
+    launch = front.PreparedNorm(native_ws, _native.dl_device_type(), device, op, dtype, eps, wdt0, is0, os0, w0, f0,
+                                q_size * elem_bytes, wdt1, is1, os1, w1, f1)
+    max_tokens = math.inf if ws is None or ws.chunking else ws.max_tokens
+    entry = _Prepared(launch, device, max_tokens, 1 if ws is None else ws.world_size, q_size, elem_bytes)
+    calls = _calls(ws)
+    if len(calls) >= MAX_ENTRIES:
+        calls.clear()
+    calls[key] = entry
+    return entry
