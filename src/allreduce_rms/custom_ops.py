@@ -131,16 +131,44 @@ def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size:
     _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::rms_norm_variant", mutates_args=())
-def _rms_norm_variant_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], eps: float,
-                         workspace: str, gate_act: str, gate_position: str, group_size: int, weight_offset: float,
-                         norm_width: int, weight_in_input_dtype: bool) -> torch.Tensor:
-    return ops.rms_norm(x, weight, eps, _workspace(workspace), gate=gate, gate_act=gate_act,
+_library.define("rms_norm_variant(Tensor x, Tensor weight, Tensor? gate, float eps, str workspace, str gate_act, "
+                "str gate_position, int group_size, float weight_offset, int norm_width, "
+                "bool weight_in_input_dtype) -> Tensor")
+_library.define("qk_norm_separate(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, str workspace, "
+                "float weight_offset, bool weight_in_input_dtype) -> (Tensor, Tensor)")
+_library.define("qk_norm_separate_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, float eps, "
+                "str workspace, float weight_offset, bool weight_in_input_dtype) -> ()")
+
+
+def _rms_norm_variant_impl(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], eps: float,
+                           workspace: str, gate_act: str, gate_position: str, group_size: int, weight_offset: float,
+                           norm_width: int, weight_in_input_dtype: bool) -> torch.Tensor:
+    return ops.rms_norm(x, weight, eps, lookup(workspace) if workspace else None, gate=gate, gate_act=gate_act,
                         gate_position=gate_position, group_size=group_size or None, weight_offset=weight_offset,
                         norm_width=norm_width or None, weight_in_input_dtype=weight_in_input_dtype)
 
 
-@_rms_norm_variant_op.register_fake
+def _qk_norm_separate_impl(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                           eps: float, workspace: str, weight_offset: float,
+                           weight_in_input_dtype: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return variants.qk_norm_separate(q, k, q_weight, k_weight, eps, lookup(workspace) if workspace else None,
+                                     weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+
+
+def _qk_norm_separate_inplace_impl(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                                   eps: float, workspace: str, weight_offset: float,
+                                   weight_in_input_dtype: bool) -> None:
+    variants.qk_norm_separate(q, k, q_weight, k_weight, eps, lookup(workspace) if workspace else None, inplace=True,
+                              weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+
+
+for _key_name in ("CPU", "CUDA"):
+    _library.impl("rms_norm_variant", _rms_norm_variant_impl, _key_name)
+    _library.impl("qk_norm_separate", _qk_norm_separate_impl, _key_name)
+    _library.impl("qk_norm_separate_", _qk_norm_separate_inplace_impl, _key_name)
+
+
+@torch.library.register_fake(f"{_NAMESPACE}::rms_norm_variant", lib=_library)
 def _(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], eps: float, workspace: str,
       gate_act: str, gate_position: str, group_size: int, weight_offset: float, norm_width: int,
       weight_in_input_dtype: bool) -> torch.Tensor:
@@ -161,30 +189,14 @@ def _check_separate(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_
     ops._check_weight("k_weight", k_weight, k.shape[-1], q)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::qk_norm_separate", mutates_args=())
-def _qk_norm_separate_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                         eps: float, workspace: str, weight_offset: float,
-                         weight_in_input_dtype: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return variants.qk_norm_separate(q, k, q_weight, k_weight, eps, _workspace(workspace),
-                                     weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
-
-
-@_qk_norm_separate_op.register_fake
+@torch.library.register_fake(f"{_NAMESPACE}::qk_norm_separate", lib=_library)
 def _(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, workspace: str,
       weight_offset: float, weight_in_input_dtype: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_separate(q, k, q_weight, k_weight)
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::qk_norm_separate_", mutates_args=("q", "k"))
-def _qk_norm_separate_inplace_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                                 eps: float, workspace: str, weight_offset: float,
-                                 weight_in_input_dtype: bool) -> None:
-    variants.qk_norm_separate(q, k, q_weight, k_weight, eps, _workspace(workspace), inplace=True,
-                              weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
-
-
-@_qk_norm_separate_inplace_op.register_fake
+@torch.library.register_fake(f"{_NAMESPACE}::qk_norm_separate_", lib=_library)
 def _(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, workspace: str,
       weight_offset: float, weight_in_input_dtype: bool) -> None:
     _check_separate(q, k, q_weight, k_weight)
