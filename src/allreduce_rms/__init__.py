@@ -13,11 +13,11 @@ from importlib.metadata import version as _distribution_version
 from ._native import backends
 from .workspace import Workspace, WorkspaceError, workspace_for
 from . import custom_ops  # registers torch.ops.allreduce_rms.*
-from .custom_ops import qk_norm, rms_norm  # ops.* when eager, the custom ops when traced
+from .custom_ops import qk_norm, qk_norm_separate, rms_norm  # ops.* when eager, the custom ops when traced
 from .modules import TPQKNorm, TPRMSNorm
 
-__all__ = ["TPQKNorm", "TPRMSNorm", "Workspace", "WorkspaceError", "backends", "custom_ops", "qk_norm", "rms_norm",
-           "workspace_for"]
+__all__ = ["TPQKNorm", "TPRMSNorm", "Workspace", "WorkspaceError", "backends", "custom_ops", "qk_norm",
+           "qk_norm_separate", "rms_norm", "workspace_for"]
 try:  # the version is written once, in pyproject.toml
     __version__ = _distribution_version("allreduce-rms")
 except _PackageNotFoundError:  # pragma: no cover - a source tree that was never installed

@@ -7,6 +7,16 @@ Registered at ``import allreduce_rms``, namespace ``allreduce_rms``::
             str workspace) -> (Tensor, Tensor)
     qk_norm_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size,
              float eps, str workspace) -> ()          # in place: writes q and k back into qkv
+    rms_norm_variant(Tensor x, Tensor weight, Tensor? gate, float eps, str workspace, str gate_act,
+                     str gate_position, int group_size, float weight_offset, int norm_width,
+                     bool weight_in_input_dtype) -> Tensor  # group_size/norm_width 0: None
+    qk_norm_separate(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, str workspace,
+                     float weight_offset, bool weight_in_input_dtype) -> (Tensor, Tensor)
+    qk_norm_separate_(Tensor(a!) q, Tensor(b!) k, ...same...) -> ()   # in place
+
+The ``*_variant`` / ``*_separate`` ops serve the options of issue 15 (:mod:`allreduce_rms.variants`):
+a traced call with default options still goes to ``rms_norm`` / ``qk_norm``, and a traced
+``qk_norm`` with a variant option goes to ``qk_norm_separate(_)`` on qkv's q and k columns.
 
 A workspace is named by its :attr:`Workspace.key` (``""``: no workspace, plain local norm);
 the implementation finds it with :func:`allreduce_rms.workspace.lookup` at every call. Each op
@@ -40,10 +50,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops
+from . import ops, variants
 from .workspace import Workspace, lookup
 
-__all__ = ["qk_norm", "rms_norm", "traced_qk_norm", "traced_rms_norm"]
+__all__ = ["qk_norm", "qk_norm_separate", "rms_norm", "traced_qk_norm", "traced_qk_norm_separate",
+           "traced_rms_norm"]
 
 _NAMESPACE = "allreduce_rms"
 
@@ -120,6 +131,77 @@ def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size:
     _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
 
 
+_library.define("rms_norm_variant(Tensor x, Tensor weight, Tensor? gate, float eps, str workspace, str gate_act, "
+                "str gate_position, int group_size, float weight_offset, int norm_width, "
+                "bool weight_in_input_dtype) -> Tensor")
+_library.define("qk_norm_separate(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, str workspace, "
+                "float weight_offset, bool weight_in_input_dtype) -> (Tensor, Tensor)")
+_library.define("qk_norm_separate_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, float eps, "
+                "str workspace, float weight_offset, bool weight_in_input_dtype) -> ()")
+
+
+def _rms_norm_variant_impl(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], eps: float,
+                           workspace: str, gate_act: str, gate_position: str, group_size: int, weight_offset: float,
+                           norm_width: int, weight_in_input_dtype: bool) -> torch.Tensor:
+    return ops.rms_norm(x, weight, eps, lookup(workspace) if workspace else None, gate=gate, gate_act=gate_act,
+                        gate_position=gate_position, group_size=group_size or None, weight_offset=weight_offset,
+                        norm_width=norm_width or None, weight_in_input_dtype=weight_in_input_dtype)
+
+
+def _qk_norm_separate_impl(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                           eps: float, workspace: str, weight_offset: float,
+                           weight_in_input_dtype: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return variants.qk_norm_separate(q, k, q_weight, k_weight, eps, lookup(workspace) if workspace else None,
+                                     weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+
+
+def _qk_norm_separate_inplace_impl(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                                   eps: float, workspace: str, weight_offset: float,
+                                   weight_in_input_dtype: bool) -> None:
+    variants.qk_norm_separate(q, k, q_weight, k_weight, eps, lookup(workspace) if workspace else None, inplace=True,
+                              weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+
+
+for _key_name in ("CPU", "CUDA"):
+    _library.impl("rms_norm_variant", _rms_norm_variant_impl, _key_name)
+    _library.impl("qk_norm_separate", _qk_norm_separate_impl, _key_name)
+    _library.impl("qk_norm_separate_", _qk_norm_separate_inplace_impl, _key_name)
+
+
+@torch.library.register_fake(f"{_NAMESPACE}::rms_norm_variant", lib=_library)
+def _(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], eps: float, workspace: str,
+      gate_act: str, gate_position: str, group_size: int, weight_offset: float, norm_width: int,
+      weight_in_input_dtype: bool) -> torch.Tensor:
+    ops._check_tensor("x", x)
+    ops._check_weight("weight", weight, x.shape[-1], x)
+    if gate is not None:
+        variants._check_gate(gate, x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _check_separate(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor) -> None:
+    ops._check_tensor("q", q)
+    ops._check_tensor("k", k)
+    if k.shape[:-1] != q.shape[:-1] or k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(f"k: must match q in leading shape, dtype and device; q is {tuple(q.shape)} {q.dtype} on "
+                         f"{q.device}, k is {tuple(k.shape)} {k.dtype} on {k.device}")
+    ops._check_weight("q_weight", q_weight, q.shape[-1], q)
+    ops._check_weight("k_weight", k_weight, k.shape[-1], q)
+
+
+@torch.library.register_fake(f"{_NAMESPACE}::qk_norm_separate", lib=_library)
+def _(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, workspace: str,
+      weight_offset: float, weight_in_input_dtype: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_separate(q, k, q_weight, k_weight)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake(f"{_NAMESPACE}::qk_norm_separate_", lib=_library)
+def _(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, workspace: str,
+      weight_offset: float, weight_in_input_dtype: bool) -> None:
+    _check_separate(q, k, q_weight, k_weight)
+
+
 # ------------------------------------------------------------------------- entry points
 def _key(workspace: Optional[Workspace]) -> str:
     if workspace is None:
@@ -136,12 +218,29 @@ def traced_rms_norm(
     workspace: Optional[Workspace] = None,
     *,
     out: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    gate_act: str = "silu",
+    gate_position: str = "before",
+    group_size: Optional[int] = None,
+    weight_offset: float = 0.0,
+    norm_width: Optional[int] = None,
+    weight_in_input_dtype: bool = False,
 ) -> torch.Tensor:
-    """:func:`allreduce_rms.rms_norm` through ``torch.ops.allreduce_rms.rms_norm`` (traceable).
+    """:func:`allreduce_rms.rms_norm` through ``torch.ops.allreduce_rms.rms_norm`` (traceable), or
+    ``rms_norm_variant`` when a variant option is given.
 
     Same arguments, result and errors as the eager function; ``out`` is filled by a copy.
     """
-    y = torch.ops.allreduce_rms.rms_norm(x, weight, ops.check_eps(eps), _key(workspace))
+    if variants.is_default(gate, gate_act, gate_position, group_size, weight_offset, norm_width,
+                           weight_in_input_dtype):
+        y = torch.ops.allreduce_rms.rms_norm(x, weight, ops.check_eps(eps), _key(workspace))
+    else:
+        v = variants.check_variant(gate_act=gate_act, gate_position=gate_position, group_size=group_size,
+                                   weight_offset=weight_offset, norm_width=norm_width,
+                                   weight_in_input_dtype=weight_in_input_dtype)
+        y = torch.ops.allreduce_rms.rms_norm_variant(x, weight, gate, ops.check_eps(eps), _key(workspace),
+                                                     v.gate_act, v.gate_position, v.group_size or 0,
+                                                     v.weight_offset, v.norm_width or 0, v.weight_in_input_dtype)
     if out is None:
         return y
     out.copy_(y)
@@ -158,17 +257,48 @@ def traced_qk_norm(
     workspace: Optional[Workspace] = None,
     *,
     inplace: bool = False,
+    weight_offset: float = 0.0,
+    weight_in_input_dtype: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`allreduce_rms.qk_norm` through ``torch.ops.allreduce_rms.qk_norm`` / ``qk_norm_``.
 
     Same arguments, result and errors as the eager function; ``inplace=True`` uses the mutating
-    op and returns views of qkv's q and k columns.
+    op and returns views of qkv's q and k columns. With a variant option it goes through
+    ``qk_norm_separate(_)`` on qkv's q and k columns.
     """
     key = _key(workspace)
+    if not (weight_in_input_dtype is False and type(weight_offset) in (float, int) and weight_offset == 0):
+        _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
+        return traced_qk_norm_separate(qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], q_weight, k_weight,
+                                       eps, workspace, inplace=inplace, weight_offset=weight_offset,
+                                       weight_in_input_dtype=weight_in_input_dtype)
     if not inplace:
         return torch.ops.allreduce_rms.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
     torch.ops.allreduce_rms.qk_norm_(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
     return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size]
+
+
+def traced_qk_norm_separate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    inplace: bool = False,
+    weight_offset: float = 0.0,
+    weight_in_input_dtype: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`allreduce_rms.qk_norm_separate` through ``torch.ops.allreduce_rms.qk_norm_separate(_)``."""
+    v = variants.check_variant(weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} {inplace!r}")
+    args = (q, k, q_weight, k_weight, ops.check_eps(eps), _key(workspace), v.weight_offset, v.weight_in_input_dtype)
+    if not inplace:
+        return torch.ops.allreduce_rms.qk_norm_separate(*args)
+    torch.ops.allreduce_rms.qk_norm_separate_(*args)
+    return q, k
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -181,10 +311,21 @@ def rms_norm(
     workspace: Optional[Workspace] = None,
     *,
     out: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    gate_act: str = "silu",
+    gate_position: str = "before",
+    group_size: Optional[int] = None,
+    weight_offset: float = 0.0,
+    norm_width: Optional[int] = None,
+    weight_in_input_dtype: bool = False,
 ) -> torch.Tensor:
     if _is_compiling():
-        return traced_rms_norm(x, weight, eps, workspace, out=out)
-    return ops.rms_norm(x, weight, eps, workspace, out=out)
+        return traced_rms_norm(x, weight, eps, workspace, out=out, gate=gate, gate_act=gate_act,
+                               gate_position=gate_position, group_size=group_size, weight_offset=weight_offset,
+                               norm_width=norm_width, weight_in_input_dtype=weight_in_input_dtype)
+    return ops.rms_norm(x, weight, eps, workspace, out=out, gate=gate, gate_act=gate_act, gate_position=gate_position,
+                        group_size=group_size, weight_offset=weight_offset, norm_width=norm_width,
+                        weight_in_input_dtype=weight_in_input_dtype)
 
 
 def qk_norm(
@@ -197,10 +338,33 @@ def qk_norm(
     workspace: Optional[Workspace] = None,
     *,
     inplace: bool = False,
+    weight_offset: float = 0.0,
+    weight_in_input_dtype: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if _is_compiling():
-        return traced_qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace=inplace)
-    return ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace=inplace)
+        return traced_qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace=inplace,
+                              weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+    return ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace=inplace,
+                       weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+
+
+def qk_norm_separate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float = 1e-6,
+    workspace: Optional[Workspace] = None,
+    *,
+    inplace: bool = False,
+    weight_offset: float = 0.0,
+    weight_in_input_dtype: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _is_compiling():
+        return traced_qk_norm_separate(q, k, q_weight, k_weight, eps, workspace, inplace=inplace,
+                                       weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+    return variants.qk_norm_separate(q, k, q_weight, k_weight, eps, workspace, inplace=inplace,
+                                     weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
 
 
 _ROUTING_NOTE = """
@@ -210,3 +374,5 @@ _ROUTING_NOTE = """
 """
 rms_norm.__doc__ = (ops.rms_norm.__doc__ or "") + _ROUTING_NOTE.format("rms_norm")
 qk_norm.__doc__ = (ops.qk_norm.__doc__ or "") + _ROUTING_NOTE.format("qk_norm")
+qk_norm_separate.__doc__ = ((variants.qk_norm_separate.__doc__ or "")
+                            + _ROUTING_NOTE.replace("ops", "variants").format("qk_norm_separate"))

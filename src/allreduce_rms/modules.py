@@ -21,6 +21,7 @@ from torch import nn
 
 from . import custom_ops
 from .ops import check_eps
+from .variants import Variant, check_variant
 from .workspace import Workspace, workspace_for
 
 __all__ = ["TPQKNorm", "TPRMSNorm"]
@@ -74,6 +75,16 @@ def _ones_weight(size: int, dtype: Optional[torch.dtype], device: Optional[Union
     return nn.Parameter(torch.ones(size, dtype=dtype or torch.float32, device=target), requires_grad=False)
 
 
+def _variant_weight(size: int, dtype: Optional[torch.dtype], device: Optional[Union[torch.device, str, int]],
+                    ws: Workspace, weight_offset: float) -> nn.Parameter:
+    """A frozen weight of (1 - weight_offset): the module starts as a plain RMSNorm whatever the
+    offset (Gemma-style weights, offset 1, start at zero as Gemma's do)."""
+    weight = _ones_weight(size, dtype, device, ws)
+    if weight_offset != 0.0:
+        weight.data.fill_(1.0 - weight_offset)
+    return weight
+
+
 def _check_size(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
@@ -111,8 +122,17 @@ def _kv_heads(k_weight: torch.Tensor, num_kv_heads: Optional[int],
     return num_kv_heads, head_dim
 
 
+_PLAIN = Variant()
+
+
 class TPRMSNorm(nn.Module):
     """RMSNorm over a row of width ``world_size * size`` of which this rank holds ``size`` columns.
+
+    The keyword options are :func:`allreduce_rms.rms_norm`'s variants (the gate itself is an
+    argument of ``forward``): a Mamba2/Bamba/NemotronH gated norm is
+    ``TPRMSNorm(d_inner // tp, eps, group, group_size=d_inner // n_groups, weight_in_input_dtype=True)``
+    called as ``norm(x, gate=z)``; MiniMax-Text-01's output norm adds ``gate_act="sigmoid",
+    gate_position="after"``; a Gemma-style norm ``weight_offset=1.0``.
 
     Args:
         size: this rank's width W (its share of the normalized dimension).
@@ -121,18 +141,26 @@ class TPRMSNorm(nn.Module):
             default group (the world group when torch.distributed is initialized, else a single
             rank: a plain RMSNorm).
         dtype, device: of the weight (default: float32, the current device of the workspace).
+        gate_act, gate_position, group_size, weight_offset, norm_width, weight_in_input_dtype:
+            as in :func:`allreduce_rms.rms_norm` (keyword only), checked here against W and
+            the group's size.
 
     Attributes:
-        weight: Parameter [W], initialized to ones.
+        weight: Parameter [W], initialized to 1 - weight_offset (so that the module starts as a
+            plain RMSNorm: ones, or Gemma's zeros with offset 1).
         workspace: the group's :class:`Workspace`.
+        variant: the validated options (:class:`allreduce_rms.variants.Variant`).
 
-    Shapes: ``forward(x)`` takes x of shape [..., W] (float32/float16/bfloat16, unit stride in the
-    last dimension) and returns the normalized tensor of the same shape and dtype.
+    Shapes: ``forward(x, gate=None)`` takes x of shape [..., W] (float32/float16/bfloat16, unit
+    stride in the last dimension) and optionally a gate of the same shape, and returns the
+    normalized tensor of x's shape and dtype.
 
     Raises:
-        TypeError: size not an int, eps not a real number, group of another kind (the message
-            names the argument).
-        ValueError: size <= 0, eps < 0 or not finite. forward raises as :func:`rms_norm`.
+        TypeError: size not an int, eps not a real number, group of another kind, an option of
+            the wrong kind (the message names the argument).
+        ValueError: size <= 0, eps < 0 or not finite, an option value that does not fit (a
+            group_size straddling ranks, a norm_width wider than the row, ...). forward raises
+            as :func:`rms_norm`.
     """
 
     def __init__(
@@ -143,12 +171,22 @@ class TPRMSNorm(nn.Module):
         *,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Union[torch.device, str, int]] = None,
+        gate_act: str = "silu",
+        gate_position: str = "before",
+        group_size: Optional[int] = None,
+        weight_offset: float = 0.0,
+        norm_width: Optional[int] = None,
+        weight_in_input_dtype: bool = False,
     ) -> None:
         super().__init__()
         _check_size("size", size)
         self.eps = check_eps(eps)
         self.workspace = _resolve_workspace(group, device)
-        self.weight = _ones_weight(size, dtype, device, self.workspace)
+        self.variant: Variant = check_variant(gate_act=gate_act, gate_position=gate_position, group_size=group_size,
+                                              weight_offset=weight_offset, norm_width=norm_width,
+                                              weight_in_input_dtype=weight_in_input_dtype, width=size,
+                                              world=self.workspace.world_size)
+        self.weight = _variant_weight(size, dtype, device, self.workspace, self.variant.weight_offset)
 
     @classmethod
     def from_full_weight(
@@ -158,32 +196,46 @@ class TPRMSNorm(nn.Module):
         world_size: int,
         group: GroupOrWorkspace = None,
         eps: float = 1e-6,
+        **options: object,
     ) -> "TPRMSNorm":
         """The module of rank `rank` of `world_size`, holding its equal shard of `weight`.
 
         Args:
-            weight: the full [world_size * W] weight (any device/dtype; the shard keeps both).
+            weight: the full [world_size * W] weight (any device/dtype; the shard keeps both),
+                as the checkpoint stores it (for weight_offset models: without the offset).
             rank, world_size: this rank's place in the group; must match `group`.
             group, eps: as in the constructor.
+            options: the constructor's keyword options (gate_act, gate_position, group_size,
+                weight_offset, norm_width, weight_in_input_dtype), global like the weight.
 
         Raises:
-            TypeError: `weight` is not a tensor, rank or world_size is not an int.
+            TypeError: `weight` is not a tensor, rank or world_size is not an int, an unknown
+                option name, or an option of the wrong kind.
             ValueError: `weight` is not 1-D or its length is not divisible by `world_size`, or
-                rank/world_size are out of range or differ from the group's.
+                rank/world_size are out of range or differ from the group's, or an option does
+                not fit the shard (as the constructor).
         """
         _check_rank(rank, world_size)
         shard = _shard("weight", weight, rank, world_size)
         ws = _resolve_workspace(group, weight.device)
         _check_group(rank, world_size, ws)
-        module = cls(shard.shape[0], eps, ws, dtype=shard.dtype, device=shard.device)
+        module = cls(shard.shape[0], eps, ws, dtype=shard.dtype, device=shard.device, **options)  # type: ignore[arg-type]
         module.weight.data.copy_(shard)
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return custom_ops.rms_norm(x, self.weight, self.eps, self.workspace)
+    def forward(self, x: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        v = self.variant
+        if gate is None and v == _PLAIN:
+            return custom_ops.rms_norm(x, self.weight, self.eps, self.workspace)
+        return custom_ops.rms_norm(x, self.weight, self.eps, self.workspace, gate=gate, gate_act=v.gate_act,
+                                   gate_position=v.gate_position, group_size=v.group_size,
+                                   weight_offset=v.weight_offset, norm_width=v.norm_width,
+                                   weight_in_input_dtype=v.weight_in_input_dtype)
 
     def extra_repr(self) -> str:
-        return (f"size={self.weight.shape[0]}, eps={self.eps}, rank={self.workspace.rank}, "
+        options = "".join(f", {name}={getattr(self.variant, name)!r}" for name in Variant.__dataclass_fields__
+                          if getattr(self.variant, name) != getattr(_PLAIN, name))
+        return (f"size={self.weight.shape[0]}, eps={self.eps}{options}, rank={self.workspace.rank}, "
                 f"world_size={self.workspace.world_size}, path={self.workspace.path!r}")
 
 
@@ -195,9 +247,13 @@ class TPQKNorm(nn.Module):
         eps: added to each mean square.
         group: the tensor-parallel ProcessGroup, a :class:`Workspace`, or None (as :class:`TPRMSNorm`).
         dtype, device: of the weights (default: float32, the device of the workspace).
+        weight_offset, weight_in_input_dtype: as in :func:`allreduce_rms.qk_norm` (keyword
+            only): MiniMax-M2 as Hugging Face computes it is ``weight_in_input_dtype=True``,
+            OLMo-2 the default False.
 
     Attributes:
-        q_weight: Parameter [q_size]; k_weight: Parameter [kv_size]; both initialized to ones.
+        q_weight: Parameter [q_size]; k_weight: Parameter [kv_size]; both initialized to
+            1 - weight_offset (ones by default).
         workspace: the group's :class:`Workspace`.
         num_kv_heads, head_dim: the model's total KV head count and head width when given to
             :meth:`from_full_weight`, else None (informative: forward does not use them).
@@ -229,17 +285,21 @@ class TPQKNorm(nn.Module):
         *,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Union[torch.device, str, int]] = None,
+        weight_offset: float = 0.0,
+        weight_in_input_dtype: bool = False,
     ) -> None:
         super().__init__()
         _check_size("q_size", q_size)
         _check_size("kv_size", kv_size)
         eps = check_eps(eps)
+        variant = check_variant(weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
         self.workspace = _resolve_workspace(group, device)
         self.q_size, self.kv_size, self.eps = q_size, kv_size, eps
+        self.weight_offset, self.weight_in_input_dtype = variant.weight_offset, variant.weight_in_input_dtype
         self.num_kv_heads: Optional[int] = None
         self.head_dim: Optional[int] = None
-        self.q_weight = _ones_weight(q_size, dtype, device, self.workspace)
-        self.k_weight = _ones_weight(kv_size, dtype, device, self.workspace)
+        self.q_weight = _variant_weight(q_size, dtype, device, self.workspace, self.weight_offset)
+        self.k_weight = _variant_weight(kv_size, dtype, device, self.workspace, self.weight_offset)
 
     @classmethod
     def from_full_weight(
@@ -253,6 +313,8 @@ class TPQKNorm(nn.Module):
         *,
         num_kv_heads: Optional[int] = None,
         head_dim: Optional[int] = None,
+        weight_offset: float = 0.0,
+        weight_in_input_dtype: bool = False,
     ) -> "TPQKNorm":
         """The module of rank `rank`, holding its shards of the full q and k weights.
 
@@ -278,6 +340,8 @@ class TPQKNorm(nn.Module):
             head_dim: the width of one head (keyword only). Default: k_weight's length divided
                 by num_kv_heads. Given alone, num_kv_heads is k_weight's length divided by it.
                 When given or inferred, each rank must hold whole q heads too.
+            weight_offset, weight_in_input_dtype: as in the constructor (keyword only); the
+                weights are the checkpoint's (without the offset).
 
         Raises:
             TypeError: a weight is not a tensor; rank, world_size, num_kv_heads or head_dim is
@@ -311,7 +375,8 @@ class TPQKNorm(nn.Module):
                              f"{q_shard.dtype} on {q_shard.device}")
         ws = _resolve_workspace(group, q_weight.device)
         _check_group(rank, world_size, ws)
-        module = cls(q_shard.shape[0], k_shard.shape[0], eps, ws, dtype=q_shard.dtype, device=q_shard.device)
+        module = cls(q_shard.shape[0], k_shard.shape[0], eps, ws, dtype=q_shard.dtype, device=q_shard.device,
+                     weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
         module.q_weight.data.copy_(q_shard)
         module.k_weight.data.copy_(k_shard)
         module.num_kv_heads, module.head_dim = num_kv_heads, head_dim
@@ -320,8 +385,12 @@ class TPQKNorm(nn.Module):
     def forward(self, qkv: torch.Tensor, inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(qkv, torch.Tensor) and qkv.dim() >= 1 and qkv.shape[-1] != self.q_size + 2 * self.kv_size:
             raise ValueError(self._width_message(int(qkv.shape[-1])))
+        if self.weight_offset == 0.0 and not self.weight_in_input_dtype:
+            return custom_ops.qk_norm(qkv, self.q_weight, self.k_weight, self.q_size, self.kv_size, self.eps,
+                                      self.workspace, inplace=inplace)
         return custom_ops.qk_norm(qkv, self.q_weight, self.k_weight, self.q_size, self.kv_size, self.eps,
-                                  self.workspace, inplace=inplace)
+                                  self.workspace, inplace=inplace, weight_offset=self.weight_offset,
+                                  weight_in_input_dtype=self.weight_in_input_dtype)
 
     def _width_message(self, width: int) -> str:
         """Why a qkv of last dimension `width` does not fit, and the likely cause."""
@@ -339,5 +408,9 @@ class TPQKNorm(nn.Module):
 
     def extra_repr(self) -> str:
         heads = "" if self.num_kv_heads is None else f", num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        if self.weight_offset != 0.0:
+            heads += f", weight_offset={self.weight_offset!r}"
+        if self.weight_in_input_dtype:
+            heads += ", weight_in_input_dtype=True"
         return (f"q_size={self.q_size}, kv_size={self.kv_size}{heads}, eps={self.eps}, rank={self.workspace.rank}, "
                 f"world_size={self.workspace.world_size}, path={self.workspace.path!r}")

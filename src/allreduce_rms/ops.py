@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _hot_path, _native, fallback
+from . import _hot_path, _native, fallback, variants
 from . import workspace as _workspace
 from ._collectives import all_gather_ints
 from .workspace import Workspace, WorkspaceError
@@ -69,8 +69,37 @@ def rms_norm(
     workspace: Optional[Workspace] = None,
     *,
     out: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    gate_act: str = "silu",
+    gate_position: str = "before",
+    group_size: Optional[int] = None,
+    weight_offset: float = 0.0,
+    norm_width: Optional[int] = None,
+    weight_in_input_dtype: bool = False,
 ) -> torch.Tensor:
     """RMSNorm of this rank's slice of rows sharded over the workspace's TP group.
+
+    Rank r holds W columns of rows of full width F = W * world_size. With the default options:
+    y = x * rsqrt(sum of squares over all F columns / F + eps) * weight, in float32, rounded
+    once to x's dtype. The keyword options give the model zoo's variants
+    (:mod:`allreduce_rms.variants` has the table of models):
+
+    * gate, gate_act, gate_position: gate "before" (Mamba2, Bamba, NemotronH):
+      y = norm(x * act(gate)); "after" (MiniMax-Text-01, Falcon-H1): y = norm(x) * act(gate);
+      act is "silu" or "sigmoid".
+    * group_size G: one statistic per group of G consecutive columns of the full row (Mamba2's
+      d_inner / n_groups), divided by G. A group lies inside one rank (G divides W; then nothing
+      is exchanged) or covers whole consecutive ranks (W divides G).
+    * weight_offset o: the weight used is (o + weight) (Gemma: o = 1).
+    * norm_width n: the sum of squares is divided by n instead of F (InternViT's heads padded to
+      divide TP: the padding columns are expected to be zero).
+    * weight_in_input_dtype: False: y = ((x * r) * (o + w)) in float32, rounded once (OLMo2,
+      Gemma); True: y = (o + w).to(dtype) * (x * r).to(dtype), rounded twice (HF LlamaRMSNorm,
+      MiniMaxM2RMSNorm, MambaRMSNormGated, vLLM's RMSNorm); a gate "after" is then applied as
+      act(gate).to(gate.dtype) * y, rounded once more, as HF's MiniMax-Text-01 does.
+
+    Calls with any non-default option run the torch path (float32 torch math and an all-reduce
+    of the statistics over the workspace's group) on every device for now.
 
     Args:
         x: [..., W] float32/float16/bfloat16, unit stride in the last dimension.
@@ -78,21 +107,36 @@ def rms_norm(
         eps: added to the mean square.
         workspace: the group's :class:`Workspace`; None normalizes locally (one rank).
         out: optional output of x's shape and dtype (may be x itself: in place).
+        gate: None or a tensor of x's shape and device, float32/float16/bfloat16 (its own row
+            stride allowed, unit stride in the last dimension).
+        gate_act: "silu" or "sigmoid"; gate_position: "before" or "after".
+        group_size: None (the whole row) or the global width of one group.
+        weight_offset: a finite real number added to every weight element.
+        norm_width: None (F) or the global count, 1 <= norm_width <= F; not with group_size.
+        weight_in_input_dtype: the rounding convention above (a bool).
 
     Returns:
         The normalized tensor, shape and dtype of x.
 
     Raises:
-        TypeError: an argument of the wrong kind (the message names it): x, weight or out not a
-            torch.Tensor, eps not a real number (a str, None or a bool), workspace neither a
-            Workspace nor None.
-        ValueError: an argument of the right kind with a wrong value (the message names it): an
-            unsupported dtype, a shape, device or stride that does not fit, eps < 0 or not finite,
-            more tokens than ``max_tokens`` on a workspace created with ``chunking=False``.
+        TypeError: an argument of the wrong kind (the message names it): x, weight, out or gate
+            not a torch.Tensor, eps or weight_offset not a real number (a str, None or a bool),
+            workspace neither a Workspace nor None, gate_act or gate_position not a str,
+            group_size or norm_width not an int or None, weight_in_input_dtype not a bool.
+        ValueError: an argument of the right kind with a wrong value (the message names it and
+            says why): an unsupported dtype, a shape, device or stride that does not fit, eps < 0
+            or not finite, more tokens than ``max_tokens`` on a workspace created with
+            ``chunking=False``; an unknown gate_act or gate_position; group_size <= 0, not
+            dividing F, or a group straddling part of a rank; norm_width <= 0, > F, or given with
+            group_size; weight_offset not finite.
         TimeoutError: a peer never joined an earlier fused call on this workspace.
         WorkspaceError: the workspace is closed, or was created in another process (fork).
         RuntimeError: debug mode only: the ranks of the group made different calls.
     """
+    if (gate is not None or group_size is not None or norm_width is not None or weight_in_input_dtype is not False
+            or weight_offset != 0.0 or gate_act != "silu" or gate_position != "before"):  # a variant: torch path
+        return variants.rms_norm_variant(x, weight, eps, workspace, out, gate, gate_act, gate_position, group_size,
+                                         weight_offset, norm_width, weight_in_input_dtype)
     served = _hot_path.rms_norm(x, weight, eps, workspace, out, _debug)
     if served is not None:
         return served  # a call shape validated before (see allreduce_rms._hot_path)
@@ -136,8 +180,13 @@ def qk_norm(
     workspace: Optional[Workspace] = None,
     *,
     inplace: bool = False,
+    weight_offset: float = 0.0,
+    weight_in_input_dtype: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """QK-norm across TP ranks: q and k, column slices of qkv, each normalized over all heads.
+
+    For q and k held as two tensors (v possibly wider than k), use
+    :func:`allreduce_rms.qk_norm_separate`: same math, same options.
 
     Args:
         qkv: [..., q_size + 2*kv_size] (q | k | v columns of this rank), unit stride in the last
@@ -147,19 +196,26 @@ def qk_norm(
         eps: added to each mean square.
         workspace: the group's :class:`Workspace`; None normalizes locally (one rank).
         inplace: write the results back into qkv's q and k columns.
+        weight_offset: the weights used are (weight_offset + q_weight), (weight_offset + k_weight).
+        weight_in_input_dtype: the rounding convention of :func:`rms_norm`: False rounds
+            ((x * r) * w) once (OLMo2); True computes w.to(dtype) * (x * r).to(dtype) (HF
+            MiniMaxM2RMSNorm, vLLM). Either non-default option takes the torch path for now.
 
     Returns:
         (q, k): new [..., q_size] and [..., kv_size] tensors, or views into qkv when inplace.
 
     Raises:
-        TypeError: as :func:`rms_norm`, and q_size or kv_size not an int (a bool, float or str).
+        TypeError: as :func:`rms_norm`, and q_size or kv_size not an int (a bool, float or str),
+            weight_offset not a real number, weight_in_input_dtype not a bool.
         ValueError: as :func:`rms_norm`, and q_size or kv_size <= 0, or the last dimension of qkv
-            not equal to q_size + 2*kv_size.
+            not equal to q_size + 2*kv_size, weight_offset not finite.
         TimeoutError, WorkspaceError, RuntimeError: as :func:`rms_norm`.
     """
-    served = _hot_path.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace, _debug)
-    if served is not None:
-        return served  # a call shape validated before (see allreduce_rms._hot_path)
+    plain = weight_in_input_dtype is False and weight_offset == 0.0 and type(weight_offset) in (float, int)
+    if plain:  # a variant must never be served by a remembered kernel call shape
+        served = _hot_path.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace, _debug)
+        if served is not None:
+            return served  # a call shape validated before (see allreduce_rms._hot_path)
     eps_given = eps
     _check_tensor("qkv", qkv)
     q_size = _positive_int("q_size", q_size)
@@ -171,16 +227,19 @@ def qk_norm(
     _check_weight("k_weight", k_weight, kv_size, qkv)
     rows = _rows("qkv", qkv)
     tokens = rows.shape[0]
-    eps, world = _prepare(OP_QK_NORM, qkv, tokens, (q_size, kv_size), eps, workspace)
+    if not plain:
+        variant = variants.check_variant(weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+    op = OP_QK_NORM if plain else variants.debug_op(OP_QK_NORM, variant)
+    eps, world = _prepare(op, qkv, tokens, (q_size, kv_size), eps, workspace)
     lead = qkv.shape[:-1]
-    if qkv.is_cuda and _native.kernels_ready() and qkv.dim() == 2 and (world == 1 or workspace.path == "fused"):  # type: ignore[union-attr]
+    if plain and qkv.is_cuda and _native.kernels_ready() and qkv.dim() == 2 and (world == 1 or workspace.path == "fused"):  # type: ignore[union-attr]
         key = _hot_path.qk_norm_key(qkv, q_weight, k_weight, q_size, kv_size, eps_given, inplace)
         stride = qkv.stride(0)
         segments = ((_DTYPES[q_weight.dtype], stride, stride if inplace else q_size, q_size, q_size * world),
                     (_DTYPES[k_weight.dtype], stride, stride if inplace else kv_size, kv_size, kv_size * world))
         entry = _remember(key, workspace, qkv, world, OP_QK_NORM, eps, segments, q_size)
         return _hot_path.launch_qk_norm(entry, qkv, q_weight, k_weight, kv_size, inplace)
-    if qkv.is_cuda and _native.kernels_ready():
+    if plain and qkv.is_cuda and _native.kernels_ready():
         # The hot path: q and k as pointer offsets into qkv, no view objects (each costs ~2 us).
         base, stride, step = rows.data_ptr(), rows.stride(0), rows.element_size()
         if inplace:
@@ -205,6 +264,10 @@ def qk_norm(
         q_out = torch.empty((rows.shape[0], q_size), dtype=qkv.dtype, device=qkv.device)
         k_out = torch.empty((rows.shape[0], kv_size), dtype=qkv.dtype, device=qkv.device)
         result = (q_out.view(*lead, q_size), k_out.view(*lead, kv_size))
+    if not plain:
+        variants.qk_rows([(q_in, q_out, q_weight), (k_in, k_out, k_weight)], eps, workspace, variant.weight_offset,
+                         variant.weight_in_input_dtype)
+        return result
     _run_torch([(q_in, q_out, q_weight), (k_in, k_out, k_weight)], eps, workspace)
     return result
 
@@ -374,7 +437,8 @@ def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[in
 
     def describe(call: Tuple[int, int, Tuple[int, ...]]) -> str:
         rank_op, rank_tokens, rank_widths = call
-        return f"{_OP_NAMES.get(rank_op, rank_op)} with {rank_tokens} tokens and widths {rank_widths}"
+        options = f" (variant options #{rank_op >> 8:06x})" if rank_op >> 8 else ""  # variants.debug_op
+        return f"{_OP_NAMES.get(rank_op & 0xFF, rank_op)}{options} with {rank_tokens} tokens and widths {rank_widths}"
 
     detail = "; ".join(f"rank {r} called {describe(calls[r])}" for r in differ)  # type: ignore[arg-type]
     raise RuntimeError(
