@@ -2,10 +2,12 @@
 workspace and on the fallback path, against float64 references of the full rows and against
 Hugging Face's modules; skipped without 2 GPUs and a loadable backend.
 
-Variant calls take the torch path (local float32 math + all_reduce over the workspace's group)
-even on a fused workspace for now; default calls in the same run (qk_default, and
-qk_norm_separate with default options) take the fused kernel, and the worker asserts that
-qk_norm, qk_norm_separate (v wider than k) and both in-place forms agree bit for bit.
+Variant calls run the wide-row kernel (allreduce_rms.variant_kernels): fused on a fused
+workspace, local kernel -> NCCL -> local kernel on the fallback path, local launches for groups
+inside one rank; default calls in the same run (qk_default, and qk_norm_separate with default
+options) take the register-resident fused kernel, and the worker asserts that qk_norm,
+qk_norm_separate (v wider than k) and both in-place forms agree bit for bit. A last test drives
+the fused statistic over a group of ranks (rank_group) directly.
 """
 
 from __future__ import annotations
@@ -73,3 +75,36 @@ def test_variants_on_two_gpus_match_hf_modules(path: str) -> None:
                 for part in ("q", "k"):
                     assert_matches_hf(outputs[(f"{case}:{part}", name)],
                                       model(full[part], full[part + "_weight"], None), f"{case} {part} {name} {path}")
+
+
+def _rank_group_worker(rank: int, world: int) -> dict:
+    """Fused launches through front.launch_variant with rank_group 1 (each rank's statistic is
+    its own partial only) and 0 (all ranks), against float64 norms of the own and the full rows."""
+    import allreduce_rms
+    from allreduce_rms import _native, variant_kernels
+    from numerics import reference, shard_scale
+
+    dev = torch.device("cuda", rank)
+    width, tokens = 384, 37
+    g = torch.Generator().manual_seed(5)
+    shards = [torch.randn(tokens, width, generator=g) * shard_scale(r) for r in range(world)]
+    weights = [1 + 0.2 * torch.randn(width, generator=g) for _ in range(world)]
+    x, w = shards[rank].to(dev), weights[rank].to(dev)
+    res = {}
+    with allreduce_rms.Workspace(max_tokens=64, timeout_ms=30_000) as ws:
+        assert ws.path == "fused", ws.reason
+        for rank_group, divisor, want in ((1, width, reference([shards[rank]], [weights[rank]], 1e-6)[0]),
+                                          (0, width * world, reference(shards, weights, 1e-6)[rank])):
+            out = torch.empty_like(x)
+            seg = variant_kernels.segment(x, out, w, width, divisor)
+            _native.front().launch_variant(ws._native, _native.dl_device_type(), rank, _native.MODE_LOCAL,
+                                           _native.DTYPE_CODES[x.dtype], tokens, 1e-6, 0,
+                                           _native.current_stream(dev), rank_group, [seg])
+            res[rank_group] = rel_err(out, want)
+        ws.synchronize()
+    return res
+
+
+def test_fused_statistic_over_a_group_of_ranks() -> None:
+    for r in run_ranks(_rank_group_worker, WORLD, backend="nccl", timeout=180.0):
+        assert r[1] <= TOLERANCE[torch.float32] and r[0] <= TOLERANCE[torch.float32], r

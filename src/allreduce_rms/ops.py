@@ -98,8 +98,9 @@ def rms_norm(
       MiniMaxM2RMSNorm, MambaRMSNormGated, vLLM's RMSNorm); a gate "after" is then applied as
       act(gate).to(gate.dtype) * y, rounded once more, as HF's MiniMax-Text-01 does.
 
-    Calls with any non-default option run the torch path (float32 torch math and an all-reduce
-    of the statistics over the workspace's group) on every device for now.
+    On GPUs, calls with any non-default option run the two-pass wide-row kernel, fused where the
+    default call is (allreduce_rms.variant_kernels); on CPUs, and for a group of ranks on a
+    fallback workspace, the torch path (float32 torch math and an all-reduce of the statistics).
 
     Args:
         x: [..., W] float32/float16/bfloat16, unit stride in the last dimension.

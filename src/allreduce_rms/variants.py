@@ -25,10 +25,13 @@ case each rank writes its partial sum into column ``rank // k`` of a [T, F / G] 
 of zeros, and one all-reduce over the whole TP group sums each group's k partials (zeros from
 every other rank), so the one collective the plain op uses still gives every statistic.
 
-Paths: for now every call that uses a non-default option runs here in torch (local float32
-math + ``torch.distributed.all_reduce`` of the statistics over the workspace's group), on CPU and
-on GPUs alike, fused workspace included; default calls keep :mod:`allreduce_rms.ops`' kernels.
-:func:`qk_norm_separate` with default options runs the same kernels as :func:`qk_norm`.
+Paths: on GPUs a call that uses a non-default option runs the two-pass wide-row kernel, which
+computes every option with the formulas of :func:`allreduce_rms.fallback.normalize_variant`
+(:mod:`allreduce_rms.variant_kernels`: fused on a fused workspace, with the statistic of a group
+of ranks added over those ranks only; groups inside one rank as local launches). The torch path
+here (local float32 math + ``torch.distributed.all_reduce`` of the statistics) serves CPUs and a
+group of ranks on a fallback workspace. Default calls keep :mod:`allreduce_rms.ops`' kernels;
+:func:`qk_norm_separate` runs the kernels of :func:`qk_norm` either way.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _native, fallback
+from . import _native, fallback, variant_kernels
 from . import ops
 
 __all__ = ["Variant", "check_variant", "qk_norm_separate", "rms_norm_variant"]
@@ -210,11 +213,32 @@ def rms_norm_variant(x: torch.Tensor, weight: torch.Tensor, eps: object, workspa
                             weight_in_input_dtype=weight_in_input_dtype, width=width, world=world)
     op = debug_op(ops.OP_RMS_NORM, variant, gate is not None)
     eps_value, world = ops._prepare(op, x, tokens, (width,), eps, workspace)  # type: ignore[arg-type]
+    if variant_kernels.ready(x):
+        # the wide-row kernel computes every variant (allreduce_rms.variant_kernels), straight
+        # into out's rows where they can be viewed as [T, W], else into new rows copied out
+        out2 = None if out is None or out.stride(-1) != 1 else _rows_or_none(out, width)
+        rows = torch.empty_like(x2, memory_format=torch.contiguous_format) if out2 is None else out2
+        if variant_kernels.rms_norm(x2, rows, weight, gate2, eps_value, workspace, variant.gate_act,
+                                    variant.gate_position, variant.group_size, variant.weight_offset,
+                                    variant.norm_width, variant.weight_in_input_dtype):
+            if out is None:
+                return rows.view(x.shape)
+            if out2 is None:
+                out.copy_(rows.view(x.shape))
+            return out
     y = _rms_rows(x2, weight, eps_value, workspace, gate2, variant)
     if out is None:
         return y.view(x.shape)
     out.copy_(y.view(x.shape))
     return out
+
+
+def _rows_or_none(t: torch.Tensor, width: int) -> Optional[torch.Tensor]:
+    """t as [T, width] rows without a copy, or None when its leading dimensions do not merge."""
+    try:
+        return t.view(-1, width)
+    except RuntimeError:
+        return None
 
 
 def _rms_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, ws: object, gate2: Optional[torch.Tensor],
@@ -252,6 +276,9 @@ def qk_rows(segments: List[ops.Segment], eps: float, ws: object, weight_offset: 
             weight_in_input_dtype: bool) -> None:
     """The torch path of a QK-norm variant: each (input [T, W], output [T, W], weight [W]) gets
     its own statistic; one all-reduce of the [T, segments] sums; results written into the outputs."""
+    if variant_kernels.ready(segments[0][0]) and variant_kernels.qk_norm(segments, eps, ws, weight_offset,
+                                                                         weight_in_input_dtype):
+        return
     world = _world(ws)
     xfs = [seg[0].float() for seg in segments]
     stats = torch.stack([fallback.sum_of_squares(xf) for xf in xfs], dim=-1)
