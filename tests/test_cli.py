@@ -767,3 +767,14 @@ def test_host_targets_take_the_worst_call_and_the_table_shows_ratios():
     assert [line[0] for line in table] == ["1", "1024"]
     assert "(1.60x)" in table[0][headers.index("qk_norm in place (public)")]
     assert "host time per call" in report.render_markdown([results])
+
+
+def test_variant_rows_table_shows_times_and_ratios():
+    rows = [{"shape": "mamba2_gated", "T": t, "method": m, "graph_us": us, "eager_us": us, "host_us": 1.0,
+             "error": None} for t, m, us in ((1, "fused", 5.0), (1, "fallback", 10.0), (1, "unfused_eager", 40.0),
+                                             (64, "fused", 6.0), (64, "fallback", 9.0), (64, "unfused_eager", 30.0))]
+    results = bench.finalize(dict(_synthetic({1: 3.0}, {}), variant_rows=rows, variant_shape="Mamba2 gated"))
+    headers, table = report.variant_table(results)
+    assert headers == ["T", "fused", "fallback", "unfused_eager", "fallback/fused", "unfused_eager/fused"]
+    assert table[0][0] == "1" and table[0][-2:] == ["2.00x", "8.00x"] and table[1][-1] == "5.00x"
+    assert "Mamba2 gated" in report.render_markdown([results]) and "Mamba2 gated" in report.render_text(results)

@@ -45,6 +45,7 @@ Results (rank 0's return value; the CLI writes it with ``--json``)::
               # roofline rows: the bound in graph_us (GPU) and eager_us, plus "bytes"
      "ratios": [{"shape", "T", "fused_us", "fused_over_roofline", "baseline_over_fused": {method: x}}],
      "host": [{"T", "method", "call", "host_us", "host_us_p20", "host_us_p80", "ratio_to_floor"}] | None,
+     "variant_shape": "...", "variant_rows": [rows as above, shape "mamba2_gated"] | None,  # GPU runs
               # eager host time per call (allreduce_rms.host_bench), None with "host_skipped": why
      "targets": {"setup", "notes", "met", "missed",
                  "rows": [{"name", "T", "kind", "limit", "unit", "measured", "status", "text", ...}]},
@@ -74,7 +75,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import host_bench
+from . import host_bench, variant_bench
 from ._collectives import all_gather_strings, tensor_device
 
 METHODS = ("fused", "fallback", "unfused_eager", "unfused_compiled", "symm_mem_oneshot", "roofline")
@@ -138,6 +139,7 @@ TARGETS = (
     {"name": "T=8192", "T": 8192, "roofline_factor": 1.25, "design_us": 35.0, "reference_kernel_us": 57.30},
     {"name": "T=16384", "T": 16384, "roofline_factor": 1.25, "design_us": 70.0, "reference_kernel_us": 108.4},
 )
+VARIANT_TOKENS = (1, 64, 1024, 8192)  # T of the variant rows (allreduce_rms.variant_bench)
 # and the eager host-time targets of issue 14 (allreduce_rms.host_bench: ratios to x.add_(0))
 
 
@@ -956,6 +958,11 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: Optional[Progres
                                                      list(cfg.tokens))
         elif host_skipped is None:
             host_skipped = "the fused method was not asked for"
+        variant_rows = None
+        if ctx.cuda and "fused" in methods:
+            ctx.report("phase", "measuring a norm variant (Mamba2 gated)")
+            variant_rows = variant_bench.measure_variant_rows(
+                ctx, spaces, [t for t in cfg.tokens if t in VARIANT_TOKENS] or list(cfg.tokens)[:2])
         ctx.sync()
     finally:
         symm.buf = None
@@ -998,6 +1005,8 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: Optional[Progres
         "rows": rows,
         "host": host_rows,          # allreduce_rms.host_bench: eager host us per call, ratio to x.add_(0)
         "host_skipped": host_skipped,
+        "variant_shape": variant_bench.DESCRIPTION,  # allreduce_rms.variant_bench (GPU runs only)
+        "variant_rows": variant_rows,
     }
     finalize(results)
     results["elapsed_s"] = time.perf_counter() - started

@@ -262,6 +262,29 @@ def host_table(results: Dict[str, Any]) -> Optional[tuple]:
     return headers, table
 
 
+def variant_table(results: Dict[str, Any]) -> Optional[tuple]:
+    """(headers, rows): the variant rows' CUDA-graph us per call by T and method, and the
+    baselines over fused; None without variant rows (allreduce_rms.variant_bench)."""
+    rows = [r for r in results.get("variant_rows") or []]
+    if not rows:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    key = "graph_us" if results.get("timing") == "graph" else "eager_us"
+    baselines = [m for m in methods if m != "fused"]
+    headers = ["T"] + methods + [f"{m}/fused" for m in baselines if "fused" in methods]
+    table = []
+    for tokens in sorted({r["T"] for r in rows}):
+        mine = {r["method"]: r for r in rows if r["T"] == tokens}
+        line = [str(tokens)] + [_cell(mine.get(m), key) for m in methods]
+        fused = mine.get("fused", {}).get(key)
+        for m in baselines:
+            if "fused" in methods:
+                value = mine.get(m, {}).get(key)
+                line.append(fmt_ratio(value / fused) if value and fused else "-")
+        table.append(line)
+    return headers, table
+
+
 def _host_renderables(results: Dict[str, Any]) -> List[Any]:
     from rich.text import Text
 
@@ -274,6 +297,20 @@ def _host_renderables(results: Dict[str, Any]) -> List[Any]:
     for line in rows:
         rich.add_row(*line)
     return out + [rich, Text("")]
+
+
+def _variant_renderables(results: Dict[str, Any]) -> List[Any]:
+    from rich.text import Text
+
+    table = variant_table(results)
+    if table is None:
+        return []
+    headers, rows = table
+    rich = _rich_table(headers)
+    for line in rows:
+        rich.add_row(*line)
+    return [Text(f"{results.get('variant_shape')}: {_timing_words(results)}", style="bold"), rich,
+            Text("")]
 
 
 def _shape_renderables(results: Dict[str, Any], shape: str) -> List[Any]:
@@ -382,6 +419,7 @@ def renderables(results: Dict[str, Any]) -> List[Any]:
         out += [Text(f"  {e}") for e in errors]
     out.append(Text(""))
     out += _host_renderables(results)
+    out += _variant_renderables(results)
     out += _target_renderables(results.get("targets") or evaluate_targets(results))
     return out
 
@@ -431,6 +469,9 @@ def render_markdown(all_results: Sequence[Dict[str, Any]]) -> str:
         if host:
             out += ["", f"Eager host time per call, fused path, {US} (ratio to `x.add_(0)` in the same run):", "",
                     _md_table(*host)]
+        variant = variant_table(results)
+        if variant:
+            out += ["", f"{results.get('variant_shape')}, {US} per call:", "", _md_table(*variant)]
         targets = results.get("targets") or evaluate_targets(results)
         out += ["", "| target | status | TRT-LLM kernel |", "|---|---|---:|"]
         for entry in targets.get("rows", []):
