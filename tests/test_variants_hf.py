@@ -15,6 +15,7 @@ is not installed.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict
 
 import pytest
@@ -53,7 +54,12 @@ def _hf_mamba2(group_size: int) -> Callable[..., torch.Tensor]:
     def run(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 
-        return _with_weight(MambaRMSNormGated(x.shape[-1], group_size=group_size, eps=EPS), weight)(x, gate)
+        if "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters:
+            return _with_weight(MambaRMSNormGated(x.shape[-1], group_size=group_size, eps=EPS), weight)(x, gate)
+        # older transformers (before group_size): the same module, unmodified, on each group's columns
+        parts = [_with_weight(MambaRMSNormGated(group_size, eps=EPS), weight[c:c + group_size])(
+                 x[..., c:c + group_size], gate[..., c:c + group_size]) for c in range(0, x.shape[-1], group_size)]
+        return torch.cat(parts, dim=-1)
     return run
 
 
