@@ -28,7 +28,12 @@ from variant_cases import EPS, FULL, cpu_outputs, dtype_name, full_qk_inputs, fu
 transformers = pytest.importorskip("transformers")
 
 WORLDS = (1, 2, 4)
-MAX_ULPS = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 1}
+# fp32: 8 ulps. On GPUs the kernel's silu/sigmoid take expf, torch on the CPU its vectorized exp
+# (each within an ulp or two of the true value, not of each other), and the statistic is summed in
+# another order; through the gate, the square root and the products that reaches 6 ulps (measured
+# on 2x H200, Mamba2's gated norm). A real bug (a missing gate, the weight rounded at the wrong
+# point, a partial all-reduce) is off by thousands of ulps.
+MAX_ULPS = {torch.float32: 8, torch.float16: 2, torch.bfloat16: 1}
 MAX_FLIPPED = 0.01  # the share of 16-bit elements allowed to differ
 
 
