@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from typing import Any, Callable, Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def _host_us(fn: Callable[[], Any], calls: int, samples: int, world: int, flag: torch.Tensor) -> float:
@@ -71,10 +69,8 @@ def _noop_ops() -> Dict[str, Callable[[torch.Tensor], Any]]:
             "torch.ops no-op (Library.impl)": torch.ops.arms_host_probe.bare}
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+def _worker(rank: int, world: int, args: argparse.Namespace) -> Dict[str, Any]:
+    """One rank (allreduce_rms.launch.run_ranks: NCCL group up, cuda:rank current)."""
     import allreduce_rms
     from allreduce_rms import _native
 
@@ -139,10 +135,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             for name, us in run["host_us"].items():
                 print(f"  {name:42s} {us:7.2f} us  {us / floor:5.2f}x floor", flush=True)
     ws.close()
-    if rank == 0:
-        queue.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 def main() -> int:
@@ -157,13 +150,9 @@ def main() -> int:
     if world < 2:
         print("needs 2+ GPUs", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, args, queue), nprocs=world, start_method="spawn")
-    out = queue.get()
+    from allreduce_rms.launch import run_ranks
+
+    out = run_ranks(_worker, world, args, backend="nccl", timeout=600, bind_device=True)[0]
     out["label"] = args.label
     if args.json:
         with open(args.json, "w") as f:
