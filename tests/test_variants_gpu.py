@@ -108,3 +108,60 @@ def _rank_group_worker(rank: int, world: int) -> dict:
 def test_fused_statistic_over_a_group_of_ranks() -> None:
     for r in run_ranks(_rank_group_worker, WORLD, backend="nccl", timeout=180.0):
         assert r[1] <= TOLERANCE[torch.float32] and r[0] <= TOLERANCE[torch.float32], r
+
+
+def _chunked_and_graphed_worker(rank: int, world: int) -> dict:
+    """Variant calls on a fused workspace of 16 tokens per slot: 40 tokens run as 3 chunked
+    launches (the gate's rows offset with the input's), against the torch path on the same GPU
+    (variants._rms_rows: torch math + NCCL); then the same calls captured in one CUDA graph,
+    whose replays must give the eager bits."""
+    import allreduce_rms
+    from allreduce_rms import variants
+    from numerics import shard_scale
+
+    dev = torch.device("cuda", rank)
+    width, tokens = 256, 40
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(tokens, width * world, generator=g) * shard_scale(rank)).to(torch.bfloat16)
+    x = x[:, rank * width:(rank + 1) * width].contiguous().to(dev)
+    z = torch.randn(tokens, width, generator=g).to(torch.bfloat16).to(dev)
+    w = (1 + 0.2 * torch.randn(width, generator=g)).to(torch.bfloat16).to(dev)
+    cases = {"mamba2": dict(gate=z, group_size=width * world, weight_in_input_dtype=True),
+             "minimax_text01": dict(gate=z, gate_act="sigmoid", gate_position="after", weight_in_input_dtype=True),
+             "gemma": dict(weight_offset=1.0)}
+    res: dict = {}
+    with allreduce_rms.Workspace(max_tokens=16, timeout_ms=30_000) as ws:
+        assert ws.path == "fused", ws.reason
+        eager = {name: allreduce_rms.rms_norm(x, w, 1e-5, ws, **opts) for name, opts in cases.items()}
+        for name, opts in cases.items():
+            variant = variants.check_variant(**{k: v for k, v in opts.items() if k != "gate"}, width=width,
+                                             world=world)
+            torch_path = variants._rms_rows(x, w, 1e-5, ws, opts.get("gate"), variant)
+            res[f"{name} vs torch"] = rel_err(eager[name], torch_path)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for name, opts in cases.items():  # warm-up, as capture wants
+                allreduce_rms.rms_norm(x, w, 1e-5, ws, **opts)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        with torch.cuda.graph(graph):
+            graphed = {name: allreduce_rms.rms_norm(x, w, 1e-5, ws, **opts) for name, opts in cases.items()}
+        for replay in range(3):
+            for out in graphed.values():
+                out.fill_(float("nan"))  # a replay that writes nothing cannot pass
+            graph.replay()
+            torch.cuda.synchronize(dev)
+            res[f"replay {replay} equal"] = all(torch.equal(graphed[n], eager[n]) for n in cases)
+        ws.synchronize()
+    return res
+
+
+def test_variants_chunked_and_in_cuda_graphs() -> None:
+    for r in run_ranks(_chunked_and_graphed_worker, WORLD, backend="nccl", timeout=180.0):
+        for key, value in r.items():
+            if key.endswith("vs torch"):
+                assert value <= 3 * TOLERANCE[torch.bfloat16], (key, value)
+            else:
+                assert value is True, (key, r)
