@@ -404,7 +404,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
         chunk.seg[s].gate = static_cast<const char*>(g.gate) + start * g.gate_row_stride * element_bytes(g.gate_dtype);
     }
     if (a->stats) chunk.stats = a->stats + start * groups * a->num_segments;
-    const int grid = grid_for(tokens, plan);
+    const int grid = grid_for(tokens * groups, plan);  // kernel rows: every group of every token
     ARMS_RT(platform::launch(plan.fn, grid, plan.block, stream, plan.pdl, chunk), "launching the norm kernel");
   }
   return ARMS_OK;

@@ -14,8 +14,10 @@
 // call that uses one here): a gate before the statistic (x * act(gate)) or after the norm, a
 // weight offset, the Hugging Face rounding (weight_in_input_dtype), groups of columns inside one
 // rank (groups_in_row: each group a kernel row of its own), and a statistic over a group of ranks
-// (rank_first / rank_count). The formulas, in the order that decides the bits, are those of
-// allreduce_rms.fallback.normalize_variant, which the tests hold both to.
+// (rank_first / rank_count). The formulas and their rounding order are those of
+// allreduce_rms.fallback.normalize_variant; the gate's activation is the device's (fast-math expf
+// and division on CUDA), so gated results can differ from torch's by a few fp32 ulps, which can
+// flip the last bit of a 16-bit output (tests/test_variants_hf.py bounds both).
 //
 // Work layout: one block is one token at a time; a block walks t = blockIdx.x, + gridDim.x, ...
 // (the grid clamped by the launcher to co-resident blocks, as for norm_kernel). Per token:
@@ -100,7 +102,9 @@ __device__ __forceinline__ const void* gate_row(const KernelSegment& g, int toke
   return static_cast<const char*>(g.gate) + row_offset(g, token, g.gate_stride, &col) * bytes;
 }
 
-// act(gate) in float32: silu(v) = v / (1 + e^-v), or sigmoid(v) = 1 / (1 + e^-v) (torch's formulas).
+// act(gate) in float32: silu(v) = v / (1 + e^-v), or sigmoid(v) = 1 / (1 + e^-v) (torch's formulas;
+// the CUDA build's fast math makes expf and the division the device's approximate ones, so the
+// activation can differ from torch's by a few ulps: tests/test_variants_hf.py measures the result).
 __device__ __forceinline__ float gate_activation(float v, int flags) {
   const float d = 1.f + expf(-v);
   return (flags & ARMS_GATE_SIGMOID) ? 1.f / d : v / d;
@@ -118,7 +122,7 @@ __device__ __forceinline__ float round_to(int dtype, float v) {
 // offset 0) is n * w, as in norm_kernel.
 template <class D>
 __device__ __forceinline__ float variant_output(const KernelSegment& g, float n, float w, float a) {
-  w += g.weight_offset;
+  if (g.weight_offset != 0.f) w += g.weight_offset;  // (as the torch path: a -0 weight stays -0)
   if (!(g.flags & ARMS_WEIGHT_IN_INPUT_DTYPE)) {
     const float y = n * w;
     return (g.flags & ARMS_GATE_AFTER) ? y * a : y;

@@ -45,6 +45,19 @@ def test_a_remembered_shape_is_served_without_validation(monkeypatch) -> None:
     assert rel_err(first, _local_ref(x, w)) <= TOLERANCE[torch.bfloat16]
 
 
+def test_only_python_numbers_enter_a_key() -> None:
+    """A tensor accepted as eps or a size compares equal to itself after an in-place change, so
+    calls with one are never remembered (CPU: the keys only)."""
+    x, w = torch.randn(4, 8), torch.randn(8)
+    qkv = torch.randn(4, 16)
+    assert _hot_path.rms_norm_key(x, w, 1e-6, None) is not None
+    assert _hot_path.rms_norm_key(x, w, torch.tensor(1e-6), None) is None
+    assert _hot_path.qk_norm_key(qkv, w, w[:4], 8, 4, 1e-6, False) is not None
+    for q_size, kv_size, eps, inplace in ((torch.tensor(8), 4, 1e-6, False), (8, torch.tensor(4), 1e-6, False),
+                                          (8, 4, torch.tensor(1e-6), False), (8, 4, 1e-6, 1)):
+        assert _hot_path.qk_norm_key(qkv, w, w[:4], q_size, kv_size, eps, inplace) is None
+
+
 @gpu
 @needs_gpu
 def test_every_change_after_a_remembered_call_is_caught() -> None:

@@ -60,6 +60,30 @@ def test_ops_are_registered_with_the_documented_schemas() -> None:
 
 
 
+def test_ops_are_tagged_and_in_place_ops_bump_the_version() -> None:
+    assert torch.Tag.pt2_compliant_tag in torch.ops.allreduce_rms.rms_norm.default.tags
+    assert torch.Tag.pt2_compliant_tag in torch.ops.allreduce_rms.qk_norm_.default.tags
+    qkv, qw, kw = torch.randn(3, 8 + 2 * 4), torch.randn(8), torch.randn(4)
+    before = qkv._version
+    torch.ops.allreduce_rms.qk_norm_(qkv, qw, kw, 8, 4, 1e-6, "")
+    assert qkv._version > before  # autograd's in-place checks can see the write
+    q, k = torch.randn(3, 8), torch.randn(3, 4)
+    versions = (q._version, k._version)
+    torch.ops.allreduce_rms.qk_norm_separate_(q, k, qw, kw, 1e-6, "", 0.0, False)
+    assert q._version > versions[0] and k._version > versions[1]
+
+
+def test_a_call_that_needs_a_gradient_warns() -> None:
+    """No autograd formula (inference only): torch's default autograd kernel warns when a
+    gradient would be needed, rather than failing silently (custom_ops' module comment)."""
+    x, w = torch.randn(4, 16, requires_grad=True), torch.randn(16)
+    compiled = torch.compile(lambda a: allreduce_rms.rms_norm(a, w, 1e-6), backend="aot_eager", fullgraph=True)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        compiled(x).sum().backward()
+    with torch.no_grad():
+        assert not compiled(x).requires_grad
+
+
 def test_eager_calls_do_not_go_through_the_dispatcher() -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -41,6 +41,8 @@ W = torch.ones(64)
     ({"weight_offset": "1"}, TypeError, "weight_offset must be a real number, got str"),
     ({"weight_offset": None}, TypeError, "weight_offset must be a real number, got NoneType"),
     ({"weight_offset": True}, TypeError, "weight_offset must be a real number, got bool"),
+    ({"weight_offset": False}, TypeError, "weight_offset must be a real number, got bool"),  # == 0.0
+    ({"weight_offset": 0j}, TypeError, "weight_offset must be a real number, got complex"),  # == 0.0
     ({"weight_offset": math.inf}, ValueError, "weight_offset must be finite, got inf"),
     ({"weight_offset": math.nan}, ValueError, "weight_offset must be finite, got nan"),
     ({"weight_in_input_dtype": 1}, TypeError, "weight_in_input_dtype must be a bool, got int 1"),

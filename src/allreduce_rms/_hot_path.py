@@ -43,15 +43,17 @@ _no_workspace_calls: Dict[tuple, "_Prepared"] = {}
 class _Prepared:
     """One validated call shape: the front module's PreparedNorm and what the call needs around it."""
 
-    __slots__ = ("launch", "stream", "device", "max_tokens", "world", "q_size", "k_offset")
+    __slots__ = ("launch", "stream", "device", "max_tokens", "world", "q_size", "kv_size", "k_offset")
 
-    def __init__(self, launch: Any, device: int, max_tokens: float, world: int, q_size: int, elem_bytes: int):
+    def __init__(self, launch: Any, device: int, max_tokens: float, world: int, q_size: int, kv_size: int,
+                 elem_bytes: int):
         self.launch = launch          # PreparedNorm: (stream, tokens, x, out0, out1, w0, w1) -> None
         self.stream = _raw_stream     # stream(device) -> the current stream's handle
         self.device = device
         self.max_tokens = max_tokens  # inf when the workspace chunks (or there is none)
         self.world = world
         self.q_size = q_size
+        self.kv_size = kv_size
         self.k_offset = q_size * elem_bytes
 
 
@@ -71,9 +73,14 @@ def _calls(ws: Any) -> Dict[tuple, _Prepared]:
 # cross-rank check).
 
 # ------------------------------------------------------------------------- keys
-def rms_norm_key(x: torch.Tensor, weight: torch.Tensor, eps: Any, out: Any) -> tuple:
-    """The key of an rms_norm call (raises AttributeError/TypeError/ValueError for arguments the
-    hot path does not serve: the caller then takes the full path)."""
+# Scalars enter a key only as Python numbers: a tensor (or any mutable object) that validation
+# accepted as eps or a size would compare equal to itself after an in-place change.
+def rms_norm_key(x: torch.Tensor, weight: torch.Tensor, eps: Any, out: Any) -> Optional[tuple]:
+    """The key of an rms_norm call, or None when it must not be remembered (eps not a Python
+    float or int); raises AttributeError/TypeError/ValueError for arguments the hot path does not
+    serve (not 2-D, not tensors): the caller then takes the full path."""
+    if type(eps) is not float and type(eps) is not int:
+        return None
     if out is None:
         out_key: Any = None
     elif out is x:
@@ -86,12 +93,16 @@ def rms_norm_key(x: torch.Tensor, weight: torch.Tensor, eps: Any, out: Any) -> t
 
 
 def qk_norm_key(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: Any, kv_size: Any,
-                eps: Any, inplace: Any) -> tuple:
-    """The key of a qk_norm call (raises for arguments the hot path does not serve)."""
+                eps: Any, inplace: Any) -> Optional[tuple]:
+    """The key of a qk_norm call, or None when it must not be remembered (eps, q_size, kv_size or
+    inplace not a plain Python number / bool); raises for arguments the hot path does not serve."""
+    if ((type(eps) is not float and type(eps) is not int) or type(q_size) is not int or type(kv_size) is not int
+            or type(inplace) is not bool):
+        return None
     _, width = qkv.shape
     return (type(qkv), qkv.dtype, qkv.device, width, qkv.stride(), q_size, type(q_size), kv_size, type(kv_size),
             type(q_weight), q_weight.shape, q_weight.stride(), q_weight.dtype, q_weight.device, type(k_weight),
-            k_weight.shape, k_weight.stride(), k_weight.dtype, k_weight.device, eps, type(eps), bool(inplace))
+            k_weight.shape, k_weight.stride(), k_weight.dtype, k_weight.device, eps, type(eps), inplace)
 
 
 # ------------------------------------------------------------------------- calls
@@ -130,14 +141,14 @@ def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q
     if entry is None or qkv.shape[0] > entry.max_tokens or (ws is not None and (
             ws._closed or ws._pid != _workspace._pid or (entry.world > 1 and debug()))):
         return None
-    return launch_qk_norm(entry, qkv, q_weight, k_weight, kv_size, inplace)
+    return launch_qk_norm(entry, qkv, q_weight, k_weight, inplace)
 
 
 def launch_qk_norm(entry: _Prepared, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                   kv_size: int, inplace: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+                   inplace: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     tokens = qkv.shape[0]
     base = qkv.data_ptr()
-    q_size = entry.q_size
+    q_size, kv_size = entry.q_size, entry.kv_size  # the validated sizes
     if inplace:
         # views of qkv's q and k columns; as_strided costs a third of qkv[..., :q_size]
         row_stride = qkv.stride(0)
@@ -154,9 +165,9 @@ def launch_qk_norm(entry: _Prepared, qkv: torch.Tensor, q_weight: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------- entries
-def remember(ws: Any, key: tuple, native_ws: Any, device: int, op: int, dtype: int, eps: float,
+def remember(ws: Any, key: Optional[tuple], native_ws: Any, device: int, op: int, dtype: int, eps: float,
              segments: Tuple[Tuple[int, int, int, int, int], ...], q_size: int, elem_bytes: int) -> _Prepared:
-    """Record a validated call shape and return its entry.
+    """Record a validated call shape (unless key is None) and return its entry.
 
     segments: per segment (weight dtype code, in row stride, out row stride (0: the out tensor is
     new and contiguous, its stride is its width), width, full width); native_ws: the workspace's
@@ -168,7 +179,9 @@ def remember(ws: Any, key: tuple, native_ws: Any, device: int, op: int, dtype: i
     launch = front.PreparedNorm(native_ws, _native.dl_device_type(), device, op, dtype, eps, wdt0, is0, os0, w0, f0,
                                 q_size * elem_bytes, wdt1, is1, os1, w1, f1)
     max_tokens = math.inf if ws is None or ws.chunking else ws.max_tokens
-    entry = _Prepared(launch, device, max_tokens, 1 if ws is None else ws.world_size, q_size, elem_bytes)
+    entry = _Prepared(launch, device, max_tokens, 1 if ws is None else ws.world_size, q_size, w1, elem_bytes)
+    if key is None:
+        return entry  # served once, not remembered
     calls = _calls(ws)
     if len(calls) >= MAX_ENTRIES:
         calls.clear()

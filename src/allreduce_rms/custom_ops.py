@@ -31,7 +31,8 @@ kernel itself for decode-sized inputs, so eager calls must not go through it. Th
 ``allreduce_rms.rms_norm`` / ``qk_norm`` are :func:`rms_norm` / :func:`qk_norm` below: one test
 of ``torch.compiler.is_compiling()`` (a flag read, ~0.1 us), then
 
-* eager: the plain Python functions of :mod:`allreduce_rms.ops`, unchanged;
+* eager: the plain Python functions of :mod:`allreduce_rms.ops` (``qk_norm_separate``: of
+  :mod:`allreduce_rms.variants`), unchanged;
 * traced: :func:`traced_rms_norm` / :func:`traced_qk_norm`, which call the custom ops. Dynamo
   folds ``is_compiling()`` to True while tracing, so the graph holds one
   ``torch.ops.allreduce_rms.*`` node per call; non-strict ``torch.export`` sets the same flag.
@@ -80,13 +81,20 @@ def _check_qk(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
 # torch.library.custom_op decorator would add its own Python layer around every call (about
 # 12 us on an H200 host for a do-nothing op, against 3 us for a bare Library.impl:
 # benchmarks/results/host-profile-*.json), more than the fused kernel takes at decode.
-# With no autograd kernel registered, torch's default one passes inference calls through.
+# No autograd kernel is registered: torch's default one passes inference calls through, and
+# when an input requires grad it warns ("autograd kernel was not registered") and a backward
+# through the op gives no gradient. torch.library.register_autograd with a raising backward would
+# cost ~9 us more on every call, needed or not (measured here on a do-nothing op), and a raising
+# autograd.Function cannot be traced by torch.compile(fullgraph=True); the ops are for inference.
+# The in-place ops bump their tensors' version counters themselves, as custom_op's
+# ADInplaceOrView kernel did.
 _library = torch.library.Library(_NAMESPACE, "DEF")
-_library.define("rms_norm(Tensor x, Tensor weight, float eps, str workspace) -> Tensor")
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+_library.define("rms_norm(Tensor x, Tensor weight, float eps, str workspace) -> Tensor", tags=_TAGS)
 _library.define("qk_norm(Tensor qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, float eps, "
-                "str workspace) -> (Tensor, Tensor)")
+                "str workspace) -> (Tensor, Tensor)", tags=_TAGS)
 _library.define("qk_norm_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, SymInt q_size, SymInt kv_size, "
-                "float eps, str workspace) -> ()")
+                "float eps, str workspace) -> ()", tags=_TAGS)
 
 
 def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, workspace: str) -> torch.Tensor:
@@ -102,6 +110,7 @@ def _qk_norm_inplace_impl(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: t
                           kv_size: int, eps: float, workspace: str) -> None:
     ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, lookup(workspace) if workspace else None,
                 inplace=True)
+    torch.autograd.graph.increment_version(qkv)  # what custom_op's ADInplaceOrView kernel did
 
 
 for _key_name in ("CPU", "CUDA"):  # torch's "CUDA" key also serves ROCm builds
@@ -133,11 +142,11 @@ def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size:
 
 _library.define("rms_norm_variant(Tensor x, Tensor weight, Tensor? gate, float eps, str workspace, str gate_act, "
                 "str gate_position, int group_size, float weight_offset, int norm_width, "
-                "bool weight_in_input_dtype) -> Tensor")
+                "bool weight_in_input_dtype) -> Tensor", tags=_TAGS)
 _library.define("qk_norm_separate(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, float eps, str workspace, "
-                "float weight_offset, bool weight_in_input_dtype) -> (Tensor, Tensor)")
+                "float weight_offset, bool weight_in_input_dtype) -> (Tensor, Tensor)", tags=_TAGS)
 _library.define("qk_norm_separate_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, float eps, "
-                "str workspace, float weight_offset, bool weight_in_input_dtype) -> ()")
+                "str workspace, float weight_offset, bool weight_in_input_dtype) -> ()", tags=_TAGS)
 
 
 def _rms_norm_variant_impl(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], eps: float,
@@ -160,6 +169,7 @@ def _qk_norm_separate_inplace_impl(q: torch.Tensor, k: torch.Tensor, q_weight: t
                                    weight_in_input_dtype: bool) -> None:
     variants.qk_norm_separate(q, k, q_weight, k_weight, eps, lookup(workspace) if workspace else None, inplace=True,
                               weight_offset=weight_offset, weight_in_input_dtype=weight_in_input_dtype)
+    torch.autograd.graph.increment_version((q, k))
 
 
 for _key_name in ("CPU", "CUDA"):
@@ -273,9 +283,11 @@ def traced_qk_norm(
                                        eps, workspace, inplace=inplace, weight_offset=weight_offset,
                                        weight_in_input_dtype=weight_in_input_dtype)
     if not inplace:
-        return torch.ops.allreduce_rms.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
-    torch.ops.allreduce_rms.qk_norm_(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
-    return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size]
+        q, k = torch.ops.allreduce_rms.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
+    else:
+        torch.ops.allreduce_rms.qk_norm_(qkv, q_weight, k_weight, q_size, kv_size, ops.check_eps(eps), key)
+        q, k = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size]
+    return q, k
 
 
 def traced_qk_norm_separate(
@@ -296,9 +308,11 @@ def traced_qk_norm_separate(
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} {inplace!r}")
     args = (q, k, q_weight, k_weight, ops.check_eps(eps), _key(workspace), v.weight_offset, v.weight_in_input_dtype)
     if not inplace:
-        return torch.ops.allreduce_rms.qk_norm_separate(*args)
-    torch.ops.allreduce_rms.qk_norm_separate_(*args)
-    return q, k
+        q_out, k_out = torch.ops.allreduce_rms.qk_norm_separate(*args)
+    else:
+        torch.ops.allreduce_rms.qk_norm_separate_(*args)
+        q_out, k_out = q, k
+    return q_out, k_out
 
 
 _is_compiling = torch.compiler.is_compiling

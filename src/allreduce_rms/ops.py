@@ -135,7 +135,8 @@ def rms_norm(
         RuntimeError: debug mode only: the ranks of the group made different calls.
     """
     if (gate is not None or group_size is not None or norm_width is not None or weight_in_input_dtype is not False
-            or weight_offset != 0.0 or gate_act != "silu" or gate_position != "before"):  # a variant: torch path
+            or weight_offset != 0.0 or (type(weight_offset) is not float and type(weight_offset) is not int)
+            or gate_act != "silu" or gate_position != "before"):  # a variant (or a bad option: variants says why)
         return variants.rms_norm_variant(x, weight, eps, workspace, out, gate, gate_act, gate_position, group_size,
                                          weight_offset, norm_width, weight_in_input_dtype)
     served = _hot_path.rms_norm(x, weight, eps, workspace, out, _debug)
@@ -200,7 +201,8 @@ def qk_norm(
         weight_offset: the weights used are (weight_offset + q_weight), (weight_offset + k_weight).
         weight_in_input_dtype: the rounding convention of :func:`rms_norm`: False rounds
             ((x * r) * w) once (OLMo2); True computes w.to(dtype) * (x * r).to(dtype) (HF
-            MiniMaxM2RMSNorm, vLLM). Either non-default option takes the torch path for now.
+            MiniMaxM2RMSNorm, vLLM). With either non-default option the call runs the two-pass
+            wide-row kernel on GPUs (allreduce_rms.variant_kernels), the torch path on CPUs.
 
     Returns:
         (q, k): new [..., q_size] and [..., kv_size] tensors, or views into qkv when inplace.
@@ -239,7 +241,7 @@ def qk_norm(
         segments = ((_DTYPES[q_weight.dtype], stride, stride if inplace else q_size, q_size, q_size * world),
                     (_DTYPES[k_weight.dtype], stride, stride if inplace else kv_size, kv_size, kv_size * world))
         entry = _remember(key, workspace, qkv, world, OP_QK_NORM, eps, segments, q_size)
-        return _hot_path.launch_qk_norm(entry, qkv, q_weight, k_weight, kv_size, inplace)
+        return _hot_path.launch_qk_norm(entry, qkv, q_weight, k_weight, inplace)
     if plain and qkv.is_cuda and _native.kernels_ready():
         # The hot path: q and k as pointer offsets into qkv, no view objects (each costs ~2 us).
         base, stride, step = rows.data_ptr(), rows.stride(0), rows.element_size()

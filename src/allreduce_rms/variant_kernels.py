@@ -12,8 +12,9 @@ on the wide-row kernel instead whenever the tensors are on a GPU with the backen
 * a group covering k whole ranks (1 < k < world): the fused exchange adds only the partials of the
   k ranks of this rank's group (``rank_group``); on a fallback workspace the torch path serves it.
 
-The kernel computes each variant with the formulas (and rounding order) of
-:func:`allreduce_rms.fallback.normalize_variant`.
+The kernel computes each variant with the formulas and rounding order of
+:func:`allreduce_rms.fallback.normalize_variant`; silu and sigmoid use the device's exp and
+division (fast math on CUDA), so gated results can differ from torch's by a few fp32 ulps.
 """
 
 from __future__ import annotations

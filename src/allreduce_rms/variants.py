@@ -207,12 +207,14 @@ def rms_norm_variant(x: torch.Tensor, weight: torch.Tensor, eps: object, workspa
             raise ValueError(f"out: expected shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}; "
                              f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     tokens = x2.shape[0]
-    world = workspace.world_size if isinstance(workspace, ops.Workspace) else 1
-    variant = check_variant(gate_act=gate_act, gate_position=gate_position, group_size=group_size,
-                            weight_offset=weight_offset, norm_width=norm_width,
-                            weight_in_input_dtype=weight_in_input_dtype, width=width, world=world)
+    # kinds and ranges here; what depends on the width after _prepare, whose debug check names a
+    # rank that passed another width instead of leaving its peers in the debug all-gather
+    options = dict(gate_act=gate_act, gate_position=gate_position, group_size=group_size,
+                   weight_offset=weight_offset, norm_width=norm_width, weight_in_input_dtype=weight_in_input_dtype)
+    variant = check_variant(**options)  # type: ignore[arg-type]
     op = debug_op(ops.OP_RMS_NORM, variant, gate is not None)
     eps_value, world = ops._prepare(op, x, tokens, (width,), eps, workspace)  # type: ignore[arg-type]
+    check_variant(**options, width=width, world=world)  # type: ignore[arg-type]
     if variant_kernels.ready(x):
         # the wide-row kernel computes every variant (allreduce_rms.variant_kernels), straight
         # into out's rows where they can be viewed as [T, W], else into new rows copied out
@@ -274,8 +276,9 @@ def _rms_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, ws: object, ga
 
 def qk_rows(segments: List[ops.Segment], eps: float, ws: object, weight_offset: float,
             weight_in_input_dtype: bool) -> None:
-    """The torch path of a QK-norm variant: each (input [T, W], output [T, W], weight [W]) gets
-    its own statistic; one all-reduce of the [T, segments] sums; results written into the outputs."""
+    """A QK-norm variant: each (input [T, W], output [T, W], weight [W]) gets its own statistic,
+    results written into the outputs. On GPUs the wide-row kernel (allreduce_rms.variant_kernels);
+    else the torch path: local float32 math and one all-reduce of the [T, segments] sums."""
     if variant_kernels.ready(segments[0][0]) and variant_kernels.qk_norm(segments, eps, ws, weight_offset,
                                                                          weight_in_input_dtype):
         return
