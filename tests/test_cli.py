@@ -303,11 +303,14 @@ def test_compiled_baseline_is_built_lazily_with_room_for_every_shape(monkeypatch
     import torch._dynamo
 
     monkeypatch.setattr(bench, "_compiled", {})
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    stats_fn, normalize_fn = bench._compiled_parts()
-    assert callable(stats_fn) and callable(normalize_fn)
-    assert bench._compiled_parts() == (stats_fn, normalize_fn)  # built once
-    assert torch._dynamo.config.recompile_limit >= 64
+    # config.patch, not monkeypatch: Dynamo's config attributes live outside the module's
+    # __dict__, so monkeypatch's undo would delete recompile_limit for every later compile
+    limits = {k: 8 for k in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, k)}
+    with torch._dynamo.config.patch(**limits):
+        stats_fn, normalize_fn = bench._compiled_parts()
+        assert callable(stats_fn) and callable(normalize_fn)
+        assert bench._compiled_parts() == (stats_fn, normalize_fn)  # built once
+        assert torch._dynamo.config.recompile_limit >= 64
 
 
 def test_unfused_baseline_matches_the_reference():

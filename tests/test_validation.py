@@ -93,6 +93,11 @@ def test_sizes_must_be_positive(bad):
     raises(ValueError, "kv_size", qk_norm, qkv_(), w_(Q), w_(KV), Q, bad)
 
 
+@pytest.mark.parametrize("bad", ["yes", 1, 0, None], ids=repr)
+def test_inplace_must_be_a_bool(bad):
+    raises(TypeError, "inplace must be a bool", qk_norm, qkv_(), w_(Q), w_(KV), Q, KV, 1e-6, inplace=bad)
+
+
 @pytest.mark.parametrize("bad", [True, False, 16.0, "16", None, torch.tensor(16.0)], ids=repr)
 def test_sizes_must_be_ints(bad):
     raises(TypeError, "q_size", qk_norm, qkv_(), w_(Q), w_(KV), bad, KV)

@@ -874,7 +874,10 @@ def describe_target(entry: Dict[str, Any]) -> str:
         return str(entry["text"])
     if entry["unit"] == "us":
         limit_text = f"{limit:g} µs"
-        value_text = f"{entry['measured']:.2f} µs" if entry["measured"] is not None else ""
+        measured = entry["measured"]
+        # one more decimal where two would print a miss as the limit itself (3.8004 as "3.80")
+        digits = 3 if measured is not None and f"{measured:.2f}" == f"{limit:.2f}" else 2
+        value_text = f"{measured:.{digits}f} µs" if measured is not None else ""
     else:
         limit_text = f"{limit:g}x roofline"
         value_text = f"{entry['measured']:.2f}x roofline" if entry["measured"] is not None else ""

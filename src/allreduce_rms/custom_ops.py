@@ -277,6 +277,8 @@ def traced_qk_norm(
     ``qk_norm_separate(_)`` on qkv's q and k columns.
     """
     key = _key(workspace)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} {inplace!r}")
     if not (weight_in_input_dtype is False and type(weight_offset) in (float, int) and weight_offset == 0):
         _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
         return traced_qk_norm_separate(qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], q_weight, k_weight,
@@ -382,11 +384,11 @@ def qk_norm_separate(
 
 
 _ROUTING_NOTE = """
-    Eager calls run :func:`allreduce_rms.ops.{0}` directly; under ``torch.compile`` (or
-    non-strict ``torch.export``) this traces to ``torch.ops.allreduce_rms.{0}`` instead (see
+    Eager calls run :func:`allreduce_rms.{0}.{1}` directly; under ``torch.compile`` (or
+    non-strict ``torch.export``) this traces to ``torch.ops.allreduce_rms.{1}`` instead (see
     :mod:`allreduce_rms.custom_ops`).
 """
-rms_norm.__doc__ = (ops.rms_norm.__doc__ or "") + _ROUTING_NOTE.format("rms_norm")
-qk_norm.__doc__ = (ops.qk_norm.__doc__ or "") + _ROUTING_NOTE.format("qk_norm")
+rms_norm.__doc__ = (ops.rms_norm.__doc__ or "") + _ROUTING_NOTE.format("ops", "rms_norm")
+qk_norm.__doc__ = (ops.qk_norm.__doc__ or "") + _ROUTING_NOTE.format("ops", "qk_norm")
 qk_norm_separate.__doc__ = ((variants.qk_norm_separate.__doc__ or "")
-                            + _ROUTING_NOTE.replace("ops", "variants").format("qk_norm_separate"))
+                            + _ROUTING_NOTE.format("variants", "qk_norm_separate"))

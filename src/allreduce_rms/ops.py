@@ -209,7 +209,7 @@ def qk_norm(
 
     Raises:
         TypeError: as :func:`rms_norm`, and q_size or kv_size not an int (a bool, float or str),
-            weight_offset not a real number, weight_in_input_dtype not a bool.
+            inplace not a bool, weight_offset not a real number, weight_in_input_dtype not a bool.
         ValueError: as :func:`rms_norm`, and q_size or kv_size <= 0, or the last dimension of qkv
             not equal to q_size + 2*kv_size, weight_offset not finite.
         TimeoutError, WorkspaceError, RuntimeError: as :func:`rms_norm`.
@@ -220,6 +220,8 @@ def qk_norm(
         if served is not None:
             return served  # a call shape validated before (see allreduce_rms._hot_path)
     eps_given = eps
+    if type(inplace) is not bool:
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} {inplace!r}")
     _check_tensor("qkv", qkv)
     q_size = _positive_int("q_size", q_size)
     kv_size = _positive_int("kv_size", kv_size)
