@@ -178,6 +178,8 @@ def test_module_constructor_and_from_full_weight_errors() -> None:
         TPRMSNorm(0)
     with pytest.raises(TypeError, match="group"):  # the wrong kind of argument: TypeError
         TPQKNorm(8, 4, group="tp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"x: last dimension is 128, but this module normalizes 256 columns"):
+        TPRMSNorm.from_full_weight(torch.ones(256), 0, 1)(torch.randn(4, 128))  # names x, not the weight
 
 
 # ------------------------------------------------------------------------- two ranks (gloo)

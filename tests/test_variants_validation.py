@@ -33,7 +33,7 @@ W = torch.ones(64)
     ({"group_size": 16.0}, TypeError, "group_size must be a positive int or None, got float"),
     ({"group_size": True}, TypeError, "group_size must be a positive int or None, got True"),
     ({"group_size": 24}, ValueError, "group_size=24 does not divide the full width 64"),
-    ({"group_size": 128}, ValueError, "group_size=128 does not divide the full width 64"),
+    ({"group_size": 128}, ValueError, r"group_size=128 is larger than the full width 64 \(1 rank x 64 columns\)"),
     ({"norm_width": 65}, ValueError, "norm_width=65 is larger than the full width 64"),
     ({"norm_width": 0}, ValueError, "norm_width must be a positive int, got 0"),
     ({"norm_width": "64"}, TypeError, "norm_width must be a positive int or None, got str"),
@@ -66,7 +66,7 @@ def test_the_gate_is_checked_against_x_also_in_forward() -> None:
     (48, 2, 32, r"group_size=32 does not divide this rank's width 48: a group would straddle two ranks"),
     (48, 4, 64, r"group_size=64 is not a multiple of this rank's width 48: a group would cover 1.33 ranks"),
     (64, 2, 96, r"group_size=96 does not divide the full width 128 \(2 ranks x 64 columns\)"),
-    (64, 2, 256, r"group_size=256 does not divide the full width 128"),
+    (64, 2, 256, r"group_size=256 is larger than the full width 128"),
     (64, 2, None, None),
 ])
 def test_groups_must_lie_inside_one_rank_or_cover_whole_ranks(width: int, world: int, group, message) -> None:

@@ -224,6 +224,11 @@ class TPRMSNorm(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        width = self.weight.shape[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != width:
+            raise ValueError(f"x: last dimension is {x.shape[-1]}, but this module normalizes {width} columns per "
+                             f"rank (its weight slice; {width * self.workspace.world_size} over "
+                             f"{self.workspace.world_size} rank(s))")
         v = self.variant
         if gate is None and v == _PLAIN:
             return custom_ops.rms_norm(x, self.weight, self.eps, self.workspace)

@@ -142,9 +142,12 @@ def check_variant(*, gate_act: object = "silu", gate_position: object = "before"
     full = width * world
     group = variant.group_size
     if group is not None:
+        ranks = f"{world} rank{'s' if world != 1 else ''} x {width} columns"
+        if group > full:
+            raise ValueError(f"group_size={group} is larger than the full width {full} ({ranks})")
         if full % group:
-            raise ValueError(f"group_size={group} does not divide the full width {full} ({world} ranks x {width} "
-                             "columns): the row must split into whole groups")
+            raise ValueError(f"group_size={group} does not divide the full width {full} ({ranks}): the row must "
+                             "split into whole groups")
         if group < width and width % group:
             raise ValueError(f"group_size={group} does not divide this rank's width {width}: a group would straddle "
                              "two ranks, partly on each; groups must lie inside one rank or cover whole ranks")
@@ -152,8 +155,9 @@ def check_variant(*, gate_act: object = "silu", gate_position: object = "before"
             raise ValueError(f"group_size={group} is not a multiple of this rank's width {width}: a group would cover "
                              f"{group / width:.3g} ranks; groups must lie inside one rank or cover whole ranks")
     if variant.norm_width is not None and variant.norm_width > full:
-        raise ValueError(f"norm_width={variant.norm_width} is larger than the full width {full} ({world} ranks x "
-                         f"{width} columns): it counts the real (unpadded) columns of the row")
+        raise ValueError(f"norm_width={variant.norm_width} is larger than the full width {full} ({world} "
+                         f"rank{'s' if world != 1 else ''} x {width} columns): it counts the real (unpadded) "
+                         "columns of the row")
     return variant
 
 
