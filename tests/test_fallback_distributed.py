@@ -160,6 +160,7 @@ def _worker(rank: int, world: int) -> Dict[str, Any]:
     res["debug_last"] = _raises(lambda: allreduce_rms.rms_norm(x[: 4 + (rank == world - 1)], w, EPS, ws))
     res["debug_first"] = _raises(lambda: allreduce_rms.rms_norm(x[: 4 + (rank == 0)], w, EPS, ws))
     res["debug_same"] = _raises(lambda: allreduce_rms.rms_norm(x, w, EPS, ws))
+    res["debug_eps"] = _raises(lambda: allreduce_rms.rms_norm(x, w, EPS * (1 + (rank == world - 1)), ws))
     ops.set_debug(None)
     ws_half.close()
     ws_whole.close()
@@ -233,11 +234,14 @@ def test_debug_mode_names_the_stray_rank(ranks):
     world, results = ranks
     for res in results:
         assert res["debug_same"]["message"] == "did not raise"
+        err = res["debug_eps"]  # the same shapes, another eps: a different normalization, named
+        assert err["type"] == "RuntimeError" and f"rank {world - 1} called rms_norm with " in err["message"]
+        assert f"eps {2 * EPS:g}" in err["message"] and f"eps {EPS:g}" in err["message"], err
         err = res["debug_last"]
         assert err["type"] == "RuntimeError" and f"rank {world - 1} called rms_norm with 5 tokens" in err["message"], err
         if world > 2:  # with two ranks there is no majority; with four, rank 0 is the odd one
             err = res["debug_first"]
             assert err["type"] == "RuntimeError" and "rank 0 called rms_norm with 5 tokens" in err["message"], err
-            assert f"rank(s) {list(range(1, world))} called rms_norm with 4 tokens" in err["message"], err
+            assert f"ranks {', '.join(map(str, range(1, world)))} called rms_norm with 4 tokens" in err["message"], err
         else:
             assert res["debug_first"]["type"] == "RuntimeError"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import struct
 from typing import List, Optional, Tuple
 
 import torch
@@ -377,7 +378,7 @@ def _prepare(op: int, x: torch.Tensor, tokens: int, widths: Tuple[int, ...], eps
     if world > 1 and _debug():
         # before any rank-local check that could raise: a rank must not leave its peers
         # in a collective, and a mismatch must be reported, not the symptom of one
-        _debug_check_same_call(ws, op, tokens, widths)
+        _debug_check_same_call(ws, op, tokens, widths, eps)  # type: ignore[arg-type]
     if tokens > ws.max_tokens and not ws.chunking:
         raise ValueError(f"{tokens} tokens exceed the workspace's max_tokens={ws.max_tokens} "
                          "(created with chunking=False)")
@@ -424,31 +425,36 @@ def _run_torch(segments: List[Segment], eps: float, ws: Optional[Workspace]) -> 
 _OP_NAMES = {OP_RMS_NORM: "rms_norm", OP_QK_NORM: "qk_norm"}
 
 
-def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[int, ...]) -> None:
+def _debug_check_same_call(ws: Workspace, op: int, tokens: int, widths: Tuple[int, ...], eps: float) -> None:
     """Debug mode: every rank must make the same call; every rank raises naming the ranks that differ.
 
     The expected call is the one most ranks made (ties go to the lowest rank), so with one
     stray rank among several, that rank is the one named.
     """
-    # one fixed-size int64 all_gather: (op, tokens, number of widths, widths padded to two)
+    # one fixed-size int64 all_gather: (op, tokens, number of widths, widths padded to two, eps's
+    # float64 bits: ranks with different eps would normalize differently without an error)
     padded = list(widths) + [0] * (2 - len(widths))
-    gathered = all_gather_ints([op, tokens, len(widths), *padded], ws.group, ws.device)
-    calls = [(g[0], g[1], tuple(g[3:3 + g[2]])) for g in gathered]
+    eps_bits = struct.unpack("<q", struct.pack("<d", eps))[0]
+    gathered = all_gather_ints([op, tokens, len(widths), *padded, eps_bits], ws.group, ws.device)
+    calls = [(g[0], g[1], tuple(g[3:3 + g[2]]), g[5]) for g in gathered]
     if all(c == calls[0] for c in calls):
         return
     expected = max(calls, key=lambda c: (calls.count(c), -calls.index(c)))
     differ = [r for r, c in enumerate(calls) if c != expected]
     agree = [r for r, c in enumerate(calls) if c == expected]
 
-    def describe(call: Tuple[int, int, Tuple[int, ...]]) -> str:
-        rank_op, rank_tokens, rank_widths = call
+    def describe(call: Tuple[int, int, Tuple[int, ...], int]) -> str:
+        rank_op, rank_tokens, rank_widths, rank_eps_bits = call
         options = f" (variant options #{rank_op >> 8:06x})" if rank_op >> 8 else ""  # variants.debug_op
-        return f"{_OP_NAMES.get(rank_op & 0xFF, rank_op)}{options} with {rank_tokens} tokens and widths {rank_widths}"
+        rank_eps = struct.unpack("<d", struct.pack("<q", rank_eps_bits))[0]
+        return (f"{_OP_NAMES.get(rank_op & 0xFF, rank_op)}{options} with {rank_tokens} tokens, widths "
+                f"{rank_widths} and eps {rank_eps:g}")
 
     detail = "; ".join(f"rank {r} called {describe(calls[r])}" for r in differ)  # type: ignore[arg-type]
+    others = ", ".join(str(r) for r in agree)
     raise RuntimeError(
         f"allreduce_rms debug (rank {ws.rank}): the ranks of workspace {ws.key} made different calls: {detail}; "
-        f"but rank(s) {agree} called {describe(expected)}")  # type: ignore[arg-type]
+        f"rank{'s' if len(agree) > 1 else ''} {others} called {describe(expected)}")  # type: ignore[arg-type]
 
 
 def fused_plan(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int, kv_size: int,
