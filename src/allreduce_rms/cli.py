@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -105,10 +106,12 @@ def version_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Check allreduce_rms.qk_norm against a float64 reference, then benchmark it against "
-                    "unfused torch, torch.compile, symmetric-memory and the HBM roofline on MiniMax-M2 "
-                    "shapes. Uses one process per visible GPU (NCCL), 2 CPU ranks over gloo without GPUs, "
-                    "or, under torchrun, this process as one rank of the job.",
+        # (RawDescriptionHelpFormatter keeps the epilog's lines, so the description is wrapped here)
+        description=textwrap.fill(
+            "Check allreduce_rms.qk_norm against a float64 reference, then benchmark it against unfused torch, "
+            "torch.compile, symmetric-memory and the HBM roofline on MiniMax-M2 shapes. Uses one process per "
+            "visible GPU (NCCL), 2 CPU ranks over gloo without GPUs, or, under torchrun, this process as one "
+            "rank of the job.", width=88),
         epilog="examples:\n"
                "  allreduce-rms --json results.json --plot results.png\n"
                "  allreduce-rms --quick\n"
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=("minimax", "other", "all"), default="all",
                         help="minimax: 48 q / 8 kv heads, head_dim 128; other: 32 q / 8 kv heads, head_dim 64")
     parser.add_argument("--methods", type=parse_methods, default=None,
-                        help=f"comma-separated subset of {','.join(bench.METHODS)} "
+                        help=f"comma-separated subset of {', '.join(bench.METHODS)} "
                              "(default: every one that can run here)")
     parser.add_argument("--world-size", type=positive_int, help="ranks = TP size: 1, 2, 4 or 8 "
                         "(default: the number of GPUs, or 2 CPU ranks; under torchrun: the job's)")

@@ -111,7 +111,8 @@ def rms_norm(
         out: optional output of x's shape and dtype (may be x itself: in place).
         gate: None or a tensor of x's shape and device, float32/float16/bfloat16 (its own row
             stride allowed, unit stride in the last dimension).
-        gate_act: "silu" or "sigmoid"; gate_position: "before" or "after".
+        gate_act: "silu" or "sigmoid"; gate_position: "before" or "after" (both unused without
+            a gate, as in Hugging Face's gated norms called with gate=None).
         group_size: None (the whole row) or the global width of one group.
         weight_offset: a finite real number added to every weight element.
         norm_width: None (F) or the global count, 1 <= norm_width <= F; not with group_size.
