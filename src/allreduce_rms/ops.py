@@ -283,15 +283,15 @@ def qk_norm(
 # As in Python and torch: TypeError when an argument is not of an accepted kind (not a tensor,
 # not a number, not an int, not a Workspace), ValueError when it is of the right kind but its
 # value does not fit (a tensor's dtype, shape, device or strides; a number's range).
-def _positive_int(name: str, value: object) -> int:
+def _positive_int(name: str, value: object, kind: str = "a positive int") -> int:
     """value as an int (Python or numpy integer): TypeError for anything else (bools, floats,
-    strings), ValueError for an int <= 0."""
+    strings), ValueError for an int <= 0. kind: what the TypeError says the argument must be."""
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}") from None
     if number <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return number

@@ -37,7 +37,6 @@ group of ranks on a fallback workspace. Default calls keep :mod:`allreduce_rms.o
 from __future__ import annotations
 
 import math
-import operator
 import zlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -85,17 +84,7 @@ def _choice(name: str, value: object, choices: Tuple[str, ...]) -> str:
 
 
 def _optional_positive_int(name: str, value: object) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int or None, got {value!r}")
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}") from None
-    if number <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return number
+    return None if value is None else ops._positive_int(name, value, "a positive int or None")
 
 
 def _offset(value: object) -> float:
