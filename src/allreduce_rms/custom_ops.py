@@ -279,7 +279,7 @@ def traced_qk_norm(
     key = _key(workspace)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} {inplace!r}")
-    if not (weight_in_input_dtype is False and type(weight_offset) in (float, int) and weight_offset == 0):
+    if not variants.is_plain_qk(weight_offset, weight_in_input_dtype):
         _check_qk(qkv, q_weight, k_weight, q_size, kv_size)
         return traced_qk_norm_separate(qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], q_weight, k_weight,
                                        eps, workspace, inplace=inplace, weight_offset=weight_offset,

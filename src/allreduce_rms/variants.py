@@ -66,12 +66,18 @@ class Variant:
     weight_in_input_dtype: bool = False
 
 
+def is_plain_qk(weight_offset: object, weight_in_input_dtype: object) -> bool:
+    """True when a qk_norm call's options ask for nothing beyond the plain op. (ops.qk_norm writes
+    this test out inline: it runs on every eager call.)"""
+    return weight_in_input_dtype is False and type(weight_offset) in (float, int) and weight_offset == 0
+
+
 def is_default(gate: object, gate_act: object, gate_position: object, group_size: object, weight_offset: object,
                norm_width: object, weight_in_input_dtype: object) -> bool:
-    """True when a call asks for nothing beyond the plain op (the kernels' hot path)."""
-    return (gate is None and group_size is None and norm_width is None and weight_in_input_dtype is False
-            and gate_act == "silu" and gate_position == "before" and type(weight_offset) in (float, int)
-            and weight_offset == 0)
+    """True when a call asks for nothing beyond the plain op (the kernels' hot path). (ops.rms_norm
+    writes this test out inline: it runs on every eager call.)"""
+    return (gate is None and group_size is None and norm_width is None and gate_act == "silu"
+            and gate_position == "before" and is_plain_qk(weight_offset, weight_in_input_dtype))
 
 
 # ------------------------------------------------------------------------- validation
