@@ -116,17 +116,10 @@ ArmsSegment segment(uintptr_t in, uintptr_t out, uintptr_t weight, int weight_dt
   return s;
 }
 
-ArmsNormArgs norm_args(int mode, int op, int device, int dtype, int64_t tokens, float eps, uintptr_t stats,
-                       uintptr_t stream, uintptr_t in0, uintptr_t out0, uintptr_t w0, int wdt0, int64_t is0,
-                       int64_t os0, int width0, int full0, uintptr_t in1, uintptr_t out1, uintptr_t w1, int wdt1,
-                       int64_t is1, int64_t os1, int width1, int full1) {
+// The launch arguments besides the segments.
+ArmsNormArgs call_args(int mode, int op, int device, int dtype, int64_t tokens, float eps, uintptr_t stats,
+                       uintptr_t stream) {
   ArmsNormArgs a = {};
-  a.segment[0] = segment(in0, out0, w0, wdt0, is0, os0, width0, full0);
-  a.num_segments = 1;
-  if (in1) {
-    a.segment[1] = segment(in1, out1, w1, wdt1, is1, os1, width1, full1);
-    a.num_segments = 2;
-  }
   a.dtype = dtype;
   a.tokens = tokens;
   a.eps = eps;
@@ -135,6 +128,20 @@ ArmsNormArgs norm_args(int mode, int op, int device, int dtype, int64_t tokens, 
   a.device = device;
   a.stats = reinterpret_cast<float*>(stats);
   a.stream = reinterpret_cast<void*>(stream);
+  return a;
+}
+
+ArmsNormArgs norm_args(int mode, int op, int device, int dtype, int64_t tokens, float eps, uintptr_t stats,
+                       uintptr_t stream, uintptr_t in0, uintptr_t out0, uintptr_t w0, int wdt0, int64_t is0,
+                       int64_t os0, int width0, int full0, uintptr_t in1, uintptr_t out1, uintptr_t w1, int wdt1,
+                       int64_t is1, int64_t os1, int width1, int full1) {
+  ArmsNormArgs a = call_args(mode, op, device, dtype, tokens, eps, stats, stream);
+  a.segment[0] = segment(in0, out0, w0, wdt0, is0, os0, width0, full0);
+  a.num_segments = 1;
+  if (in1) {
+    a.segment[1] = segment(in1, out1, w1, wdt1, is1, os1, width1, full1);
+    a.num_segments = 2;
+  }
   return a;
 }
 
@@ -327,7 +334,10 @@ using VariantSegment = std::tuple<uintptr_t, uintptr_t, uintptr_t, int, int64_t,
 void launch_variant(nb::object workspace, int device_type, int device, int mode, int dtype, int64_t tokens, float eps,
                     uintptr_t stats, uintptr_t stream, int rank_group, const std::vector<VariantSegment>& segments) {
   if (segments.empty() || segments.size() > ARMS_MAX_SEGMENTS) throw nb::value_error("one or two segments");
-  ArmsNormArgs a = {};
+  ArmsNormArgs a = call_args(workspace.is_none() ? mode : ARMS_MODE_LAMPORT,
+                             segments.size() == 2 ? ARMS_OP_QK_NORM : ARMS_OP_RMS_NORM, device, dtype, tokens, eps,
+                             stats, stream);
+  a.rank_group = rank_group;
   a.num_segments = static_cast<int32_t>(segments.size());
   for (size_t i = 0; i < segments.size(); ++i) {
     const auto& [in, out, w, wdt, is, os, width, full, gate, gs, gdt, flags, offset, groups] = segments[i];
@@ -340,15 +350,6 @@ void launch_variant(nb::object workspace, int device_type, int device, int mode,
     g.weight_offset = offset;
     g.groups_in_row = groups;
   }
-  a.dtype = dtype;
-  a.tokens = tokens;
-  a.eps = eps;
-  a.mode = workspace.is_none() ? mode : ARMS_MODE_LAMPORT;
-  a.op = segments.size() == 2 ? ARMS_OP_QK_NORM : ARMS_OP_RMS_NORM;
-  a.device = device;
-  a.stats = reinterpret_cast<float*>(stats);
-  a.stream = reinterpret_cast<void*>(stream);
-  a.rank_group = rank_group;
   if (workspace.is_none()) {
     const ArmsBackendApi& api = backend(device_type);
     check(api, api.norm(&a));
