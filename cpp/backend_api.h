@@ -18,7 +18,8 @@
 extern "C" {
 #endif
 
-#define ARMS_BACKEND_ABI_VERSION 4 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants */
+#define ARMS_BACKEND_ABI_VERSION 5 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants;
+                                     5: prefetch and early-weight plan knobs */
 #define ARMS_BACKEND_SYMBOL "arms_backend_api"
 #define ARMS_MAX_RANKS 8
 #define ARMS_MAX_SEGMENTS 2
@@ -137,6 +138,10 @@ typedef struct ArmsPlan {
   int32_t grid;         /* blocks of the first launch; each walks tokens grid apart */
   int32_t launches;     /* launches of the call (chunks above the workspace capacity) */
   int32_t pdl;          /* 1: launched with programmatic dependent launch */
+  int32_t prefetch_rows; /* ABI 5. > 0: a block walking several rows asks L2 for the row this many
+                          * grid strides beyond the one it loads; 0: no prefetch */
+  int32_t early_weights; /* ABI 5. 1: with one row per block, weights are fetched with the row,
+                          * before the exchange wait (else after it) */
 } ArmsPlan;
 
 /* Floor probes (floor_launch): what a launch costs with nothing in it, and with the smallest
@@ -176,8 +181,10 @@ typedef struct ArmsBackendApi {
    * capacity, 0 for a local one (args->mode). */
   int (*plan)(const ArmsNormArgs* args, int capacity, ArmsPlan* out);
   /* Tuning: force warps per token, vectors per thread and tokens per block (at least; the grid
-   * is still clamped to co-resident blocks) for every later launch (0 = automatic). */
-  int (*set_plan_override)(int warps_per_token, int vectors_per_thread, int tokens_per_block);
+   * is still clamped to co-resident blocks) for every later launch (0 = automatic), and (ABI 5)
+   * the prefetch distance and early weights of ArmsPlan (-1 = automatic). */
+  int (*set_plan_override)(int warps_per_token, int vectors_per_thread, int tokens_per_block, int prefetch_rows,
+                           int early_weights);
   /* Profiling: block 0 of every fused launch writes 6 globaltimer stamps (entry, after the PDL
    * wait, first row loaded and reduced, its partials sent, its peers' partials arrived, all stores
    * issued) to the first 6 of the ARMS_TRACE_POINTS words at trace[(call % depth) *

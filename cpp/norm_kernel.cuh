@@ -57,6 +57,10 @@ struct KernelParams {
   float* stats;  // [tokens, num_segments]
   int32_t rank_first;  // LAMPORT: the statistic adds the partials of ranks [rank_first, rank_first + rank_count)
   int32_t rank_count;
+  // Plan knobs (the launcher's choice, or the tuning override):
+  int32_t prefetch_rows;  // > 0: a block walking several rows asks L2 for the row this many grid strides
+                          // beyond the one it loads (16-byte vector plans, sm_90)
+  int32_t early_weights;  // 1: a block with one row fetches its weights with the row, before the exchange
   LamportParams lamport;
 };
 
@@ -152,28 +156,44 @@ __device__ __forceinline__ float2 exchanged_sums(const KernelParams& p, const Ep
   return total;
 }
 
-template <class D, int VEC, int VPT, bool CACHED>
+// weight_of(i, g, w) fills w with the weights of this thread's vector i (segment g): from
+// registers fetched earlier, or loaded now.
+template <class D, int VEC, int VPT, class WeightOf>
 __device__ __forceinline__ void normalize_store(const KernelParams& p, const ThreadColumns<VEC, VPT>& c, int token,
-                                                const Vec<D, VEC> (&x)[VPT], float2 scale,
-                                                const float (&cached_weight)[CACHED ? VPT : 1][VEC]) {
+                                                const Vec<D, VEC> (&x)[VPT], float2 scale, WeightOf weight_of) {
   using S = typename D::storage;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     if (c.seg(i) < 0) continue;
     const KernelSegment& g = segment(p, c.seg(i));
     float w[VEC];
-    if constexpr (CACHED) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) w[k] = cached_weight[i][k];
-    } else {
-      load_weight<VEC>(g.weight, g.weight_dtype, c.col(i), w);
-    }
+    weight_of(i, g, w);
     const float r = c.seg(i) == 1 ? scale.y : scale.x;
     Vec<D, VEC> y;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) y.set(k, x[i].get(k) * r * w[k]);
     y.store(static_cast<S*>(g.out) + token * g.out_stride + c.col(i));
   }
+}
+
+// Ask L2 for `token`'s row of every segment (one thread; 16-byte vector plans only, whose rows
+// start on 16-byte boundaries and span whole 16-byte words, as the bulk prefetch needs).
+template <class D, int VEC>
+__device__ __forceinline__ void prefetch_row(const KernelParams& p, int token) {
+  using S = typename D::storage;
+  if constexpr (VEC * sizeof(S) == 16) {
+    for (int s = 0; s < p.num_segments; ++s) {
+      const KernelSegment& g = segment(p, s);
+      platform::prefetch_l2(static_cast<const S*>(g.in) + static_cast<int64_t>(token) * g.in_stride,
+                            static_cast<uint32_t>(g.vecs) * 16u);
+    }
+  }
+}
+
+// Do the weights of every segment have the activations' dtype (so they fit a Vec<D, VEC>)?
+template <class D>
+__device__ __forceinline__ bool weights_in_activation_dtype(const KernelParams& p) {
+  return p.seg[0].weight_dtype == D::code && (p.num_segments == 1 || p.seg[1].weight_dtype == D::code);
 }
 
 // Optional per-phase timestamps of block 0 (LAMPORT only; lp.trace set by the profiler).
@@ -206,6 +226,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   int token = blockIdx.x;
   if (token < p.tokens) load_row<D, VEC, VPT>(p, c, token, xa);
 
+  // Weights at VPT <= 2: loaded with the first row as fp32 and kept for every row.
   float weight[kCacheWeights ? VPT : 1][VEC];
   if constexpr (kCacheWeights) {
 #pragma unroll
@@ -215,6 +236,32 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
         load_weight<VEC>(g.weight, g.weight_dtype, c.col(i), weight[i]);
       }
   }
+  auto cached_weight = [&](int i, const KernelSegment&, float(&w)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) w[k] = weight[kCacheWeights ? i : 0][k];
+  };
+  auto loaded_weight = [&](int i, const KernelSegment& g, float(&w)[VEC]) {
+    load_weight<VEC>(g.weight, g.weight_dtype, c.col(i), w);
+  };
+  // Weights at VPT > 2 when every block has one row (decode): fetched with the row, in the
+  // activations' dtype, in the registers the second row would take, so their latency hides behind
+  // the exchange instead of following it.
+  constexpr bool kCanFetchEarly = kNormalizes && !kCacheWeights && VEC * sizeof(typename D::storage) == 16;
+  const bool one_row = gridDim.x >= p.tokens;
+  const bool early = kCanFetchEarly && one_row && p.early_weights && weights_in_activation_dtype<D>(p);
+  V early_weight[kCanFetchEarly ? VPT : 1];
+  if (early && token < p.tokens) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      if (c.seg(i) >= 0) {
+        const KernelSegment& g = segment(p, c.seg(i));
+        early_weight[kCanFetchEarly ? i : 0].load(static_cast<const typename D::storage*>(g.weight) + c.col(i));
+      }
+  }
+  auto fetched_weight = [&](int i, const KernelSegment&, float(&w)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) w[k] = early_weight[kCanFetchEarly ? i : 0].get(k);
+  };
 
   Epoch e = {};
   uint64_t* trace = nullptr;  // this launch's row of timestamps, in block 0's first thread
@@ -250,8 +297,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   };
 
   // The full-row statistics of a published row (peers' partials, own, or the stats tensor),
-  // then the normalized row to the output.
-  auto collect_store = [&](const V(&x)[VPT], int t, float2 partial) {
+  // then the normalized row to the output, with the weights of weight_of.
+  auto collect_store = [&](const V(&x)[VPT], int t, float2 partial, auto weight_of) {
     if constexpr (kNormalizes) {
       float2 sums = partial;
       if constexpr (kLamport) {
@@ -264,8 +311,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
       }
       const float2 scale = make_float2(rsqrtf(sums.x * p.seg[0].inv_full_width + p.eps),
                                        rsqrtf(sums.y * p.seg[1].inv_full_width + p.eps));
-      normalize_store<D, VEC, VPT, kCacheWeights>(p, c, t, x, scale, weight);
+      normalize_store<D, VEC, VPT>(p, c, t, x, scale, weight_of);
     }
+  };
+  auto collect_store_row = [&](const V(&x)[VPT], int t, float2 partial) {
+    if constexpr (kCacheWeights)
+      collect_store(x, t, partial, cached_weight);
+    else
+      collect_store(x, t, partial, loaded_weight);
   };
 
   // Software pipeline, two rows deep: `cur` holds row t, already published; `next` holds row
@@ -273,16 +326,29 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   // exchanges are in flight, and cur's registers take row t+2 as soon as row t is stored.
   // Returns the block's next row and its partials. Unrolled by two so the buffers stay in
   // registers (no dynamic indexing).
+  // With prefetch_rows = d, the row loaded is joined by an L2 request for the row d grid strides
+  // further, so that load finds it in L2: DRAM stays busy while the block waits on the exchange.
+  const int prefetch_stride = p.prefetch_rows > 0 ? p.prefetch_rows * static_cast<int>(gridDim.x) : 0;
   auto step = [&](V(&cur)[VPT], V(&next)[VPT], int t, float2 partial, int next_parity, float2& next_partial) {
     const int t1 = t + gridDim.x;
     if (t1 < p.tokens) next_partial = reduce_publish(next, t1, next_parity);
-    collect_store(cur, t, partial);
+    collect_store_row(cur, t, partial);
     const int t2 = t1 + gridDim.x;
-    if (t2 < p.tokens) load_row<D, VEC, VPT>(p, c, t2, cur);
+    if (t2 < p.tokens) {
+      load_row<D, VEC, VPT>(p, c, t2, cur);
+      if (prefetch_stride > 0 && threadIdx.x == 0 && t2 + prefetch_stride < p.tokens)
+        prefetch_row<D, VEC>(p, t2 + prefetch_stride);
+    }
     return t1;
   };
 
-  if (token < p.tokens) {
+  if (token < p.tokens && early) {  // one row, weights already on their way
+    collect_store(xa, token, reduce_publish(xa, token, 0), fetched_weight);
+  } else if (token < p.tokens) {
+    // rows 2 .. d + 1 grid strides on: the steps' own prefetches start beyond them
+    if (prefetch_stride > 0 && threadIdx.x == 0)
+      for (int k = 2; k < 2 + p.prefetch_rows; ++k)
+        if (token + k * static_cast<int>(gridDim.x) < p.tokens) prefetch_row<D, VEC>(p, token + k * gridDim.x);
     float2 partial = reduce_publish(xa, token, 0);
     // (Tried together, in one 2x H200 run: loading the second row before reducing the first,
     // and prefetching the weights into L1 before the exchange wait. T >= 256 came out 7-17%

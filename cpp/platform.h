@@ -10,6 +10,7 @@
 //   fence_system()                 order earlier writes before later ones for every observer
 //   timer_ns()                     a device clock in nanoseconds, for bounded spins
 //   pdl_wait() / pdl_trigger()     programmatic dependent launch (no-ops where unsupported)
+//   prefetch_l2(p, bytes)          fetch bytes into L2 without waiting (a no-op where unsupported)
 //   half_to_float / float_to_half  fp16 bit-pattern conversions
 //   native_float_to_bf16           (optional, with ARMS_NATIVE_FLOAT_TO_BF16) a one-instruction
 //                                  float -> bf16 that float_to_bf16 below prefers

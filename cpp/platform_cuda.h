@@ -111,6 +111,18 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Ask L2 to fetch [p, p + bytes) from memory, without waiting and without registers: rows a block
+// will load later are then L2 hits (the norm kernel's prefill pipeline). sm_90's bulk prefetch
+// wants p and bytes multiples of 16 (the caller's vector path guarantees both); elsewhere a no-op.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // float -> bf16 (round to nearest even) in one cvt instruction on sm_80+. ncu showed the norm
 // kernel issue-limited at large T; the portable bit-twiddling version in platform.h costs ~6
 // integer instructions per element. NaN stays NaN (canonical 0x7fff instead of a quieted copy).

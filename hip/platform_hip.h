@@ -104,6 +104,12 @@ __device__ __forceinline__ uint64_t timer_ns() { return __builtin_amdgcn_s_memre
 __device__ __forceinline__ void pdl_wait() {}
 __device__ __forceinline__ void pdl_trigger() {}
 
+// No L2 prefetch without a load on AMD: the norm kernel's prefill prefetch is a no-op here.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  (void)p;
+  (void)bytes;
+}
+
 __device__ __forceinline__ float half_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 __device__ __forceinline__ uint16_t float_to_half(float f) { return __half_as_ushort(__float2half(f)); }
 
