@@ -11,7 +11,8 @@ MiniMax-M2 shapes (48 q heads, 8 kv heads, head_dim 128, bf16):
   graph of back-to-back calls gives the median time of each phase and the period between calls;
 * sweep (``--sweep``): the graph time of every valid (warps per token, vectors per thread) plan
   at each T, next to the launcher's own choice (``--plans`` names the plans; vectors per thread
-  -1 is the two-pass wide-row kernel).
+  -1 is the two-pass wide-row kernel; a suffix ``pD`` sets the L2 prefetch distance in grid
+  strides, ``eE`` early weights on (1) or off (0): ``2x8x1p0``, ``8x4x1e0``).
 
     python benchmarks/trace_kernel.py --json trace.json [--tokens 1 64 1024 8192] [--sweep]
 
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from typing import Any, Dict, List
 
@@ -32,9 +34,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 PHASES = ("launch_to_wait", "load_and_reduce", "send", "exchange_wait", "normalize_store")
-# (warps per token, vectors per thread, tokens per block) tried by --sweep
-SWEEP_SMALL = [(16, 1, 1), (8, 2, 1), (8, 4, 1), (4, 4, 1)]
-SWEEP_LARGE = [(8, 4, 1), (8, 4, 2), (4, 4, 1), (4, 4, 2), (4, 4, 4), (2, 8, 1), (2, 8, 2), (2, 8, 4), (4, 8, 2)]
+# (warps per token, vectors per thread, tokens per block, prefetch distance, early weights) tried
+# by --sweep; -1 = the launcher's choice
+SWEEP_SMALL = [(16, 1, 1, -1, -1), (8, 2, 1, -1, -1), (8, 4, 1, -1, -1), (8, 4, 1, -1, 0), (4, 4, 1, -1, -1)]
+SWEEP_LARGE = [(8, 4, 1, -1, -1), (8, 4, 1, -1, 0), (4, 4, 1, -1, -1), (4, 4, 1, -1, 0), (4, 4, 2, 0, -1),
+               (4, 4, 2, 2, -1), (2, 8, 1, 0, -1), (2, 8, 1, 1, -1), (2, 8, 1, 2, -1), (2, 8, 1, 4, -1),
+               (2, 8, 1, -1, 0), (2, 8, 2, 2, -1)]
 
 
 def _graph_us(ctx: Any, fn) -> Dict[str, float]:
@@ -101,12 +106,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         if args.sweep:
             sweep = {}
             plans = args.plans or (SWEEP_SMALL if tokens <= 64 else SWEEP_LARGE)
-            for warps, vpt, per_block in plans:
+            for plan in plans:
+                warps, vpt, per_block, prefetch, early = plan
                 if vpt > 0 and warps * 32 * vpt < (q_size + kv_size) // 8:
                     continue
-                front.set_plan_override(_native.dl_device_type(), warps, vpt, per_block)
-                sweep[f"{warps}x{vpt}x{per_block}"] = _graph_us(ctx, call)["median"]
-            front.set_plan_override(_native.dl_device_type(), 0, 0, 0)
+                front.set_plan_override(_native.dl_device_type(), warps, vpt, per_block, prefetch, early)
+                sweep[_plan_name(plan)] = _graph_us(ctx, call)["median"]
+            front.set_plan_override(_native.dl_device_type(), 0, 0, 0, -1, -1)
             entry["sweep_us"] = sweep
         results.append(entry)
         if rank == 0:
@@ -125,8 +131,19 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
 
 
 def _plan(text: str) -> tuple:
-    warps, vpt, per_block = (int(v) for v in text.split("x"))
-    return warps, vpt, per_block
+    """'2x8x1' or '2x8x1p2e0' -> (warps, vpt, tokens per block, prefetch, early weights)."""
+    match = re.fullmatch(r"(-?\d+)x(-?\d+)x(\d+)(?:p(\d+))?(?:e([01]))?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"plan {text!r}: expected WARPSxVPTxTOKENS[pPREFETCH][eEARLY], e.g. 2x8x1p2")
+    warps, vpt, per_block, prefetch, early = match.groups()
+    return (int(warps), int(vpt), int(per_block), -1 if prefetch is None else int(prefetch),
+            -1 if early is None else int(early))
+
+
+def _plan_name(plan: tuple) -> str:
+    warps, vpt, per_block, prefetch, early = plan
+    return (f"{warps}x{vpt}x{per_block}" + ("" if prefetch < 0 else f"p{prefetch}")
+            + ("" if early < 0 else f"e{early}"))
 
 
 def main() -> int:

@@ -118,10 +118,16 @@ int blocks_per_sm(KernelFn fn, int block, int device) {
   return n;
 }
 
-// Process-wide plan override for tuning runs (set_plan_override); 0 = automatic.
+// Process-wide plan override for tuning runs (set_plan_override); 0 (the last two: -1) = automatic.
 int override_warps = 0;
 int override_vpt = 0;
 int override_tokens_per_block = 0;
+int override_prefetch_rows = -1;
+int override_early_weights = -1;
+
+// L2 prefetch distance, in grid strides, of a block that walks several rows (prefill); 0 when
+// every block has one row. The row a block loads next is then already in L2 instead of DRAM.
+constexpr int kPrefetchRows = 1;
 
 int pow2_ceil(int64_t v) {
   int p = 1;
@@ -134,9 +140,13 @@ int pow2_ceil(int64_t v) {
 // - decode (under half a token per SM): as many warps per token as the row has 32-vector
 //   columns for (up to 16), one vector per thread or two (weights then stay in registers,
 //   loaded with the row);
-// - up to 4 tokens per SM: 8 warps and 4 vectors per thread (weights read after the exchange);
+// - up to 4 tokens per SM: 4 warps and 4 vectors per thread, the weights fetched with the row
+//   (early_weights; history/trace-H200-tp2-early-weights-prefetch-sweep.json, T=256: 4.21 us
+//   against 5.11 for the 8-warp plan and 5.25 for this one with the weights read after the exchange);
 // - prefill: the fewest warps that cover the row with 8 vectors per thread; each block then walks
-//   T / grid rows, the grid being clamped to the blocks that fit on the GPU at once.
+//   T / grid rows, the grid being clamped to the blocks that fit on the GPU at once, and asks L2
+//   for the row one grid stride beyond the one it loads (same sweep: T=16384 73.8 us against
+//   77.8 without the prefetch and 85.2 two strides ahead; T=4096 and 8192 within 4%).
 // Never more warps than the row has 32-vector columns for.
 struct Shape {
   int warps;
@@ -149,7 +159,7 @@ Shape choose_shape(int64_t row_vecs, int64_t tokens, bool wide, int sms) {
   const int max_warps = kMaxBlockThreads / warp;
   const int useful = std::min(max_warps, pow2_ceil((row_vecs + warp - 1) / warp));
   const int64_t per_sm_x2 = 2 * tokens / std::max(1, sms);  // tokens per SM, times two
-  int warps = per_sm_x2 == 0 ? useful : (per_sm_x2 <= 8 ? std::min(useful, 8) : 1);
+  int warps = per_sm_x2 == 0 ? useful : (per_sm_x2 <= 8 ? std::min(useful, 4) : 1);
   const int min_vpt = per_sm_x2 >= 1 && per_sm_x2 <= 8 ? 4 : (per_sm_x2 > 8 ? kMaxVpt : 1);
   if (!wide) {
     while (warps < max_warps && static_cast<int64_t>(warps) * warp * kScalarVpt < row_vecs) warps *= 2;
@@ -172,6 +182,8 @@ struct Plan {
   int coresident = 1;
   bool pdl = false;
   bool wide_row = false;  // wide_row_kernel: vec is 1 (segment widths in elements), vpt kWideRowVpt
+  int prefetch_rows = 0;  // KernelParams::prefetch_rows, for launches whose blocks walk several rows
+  bool early_weights = true;  // KernelParams::early_weights
 };
 
 }  // namespace
@@ -185,7 +197,7 @@ int use_device(int device) {
   return ARMS_OK;
 }
 
-int set_plan_override(int warps, int vpt, int tokens_per_block) {
+int set_plan_override(int warps, int vpt, int tokens_per_block, int prefetch_rows, int early_weights) {
   const int max_warps = kMaxBlockThreads / platform::kWarpSize;
   if (warps < 0 || warps > max_warps || (warps & (warps - 1)) != 0)
     return fail(ARMS_INVALID_ARGUMENT,
@@ -194,9 +206,15 @@ int set_plan_override(int warps, int vpt, int tokens_per_block) {
     return fail(ARMS_INVALID_ARGUMENT,
                 "vectors_per_thread must be 0 (automatic), 1, 2, 4, 8 or -1 (the wide-row kernel for every row)");
   if (tokens_per_block < 0) return fail(ARMS_INVALID_ARGUMENT, "tokens_per_block must be >= 0 (0: automatic)");
+  if (prefetch_rows < -1 || prefetch_rows > 8)
+    return fail(ARMS_INVALID_ARGUMENT, "prefetch_rows must be -1 (automatic) or 0..8 grid strides");
+  if (early_weights < -1 || early_weights > 1)
+    return fail(ARMS_INVALID_ARGUMENT, "early_weights must be -1 (automatic), 0 or 1");
   override_warps = warps;
   override_vpt = vpt;
   override_tokens_per_block = tokens_per_block;
+  override_prefetch_rows = prefetch_rows;
+  override_early_weights = early_weights;
   return ARMS_OK;
 }
 
@@ -305,6 +323,8 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
                                   : kernel_for<BF16>(wide, shape.vpt, mode);
   plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1);
   plan->pdl = limits.pdl;
+  plan->prefetch_rows = override_prefetch_rows >= 0 ? override_prefetch_rows : kPrefetchRows;
+  plan->early_weights = override_early_weights != 0;
   return ARMS_OK;
 }
 
@@ -335,6 +355,14 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
   out->grid = static_cast<int32_t>(grid_for(first, plan));
   out->launches = static_cast<int32_t>((a->tokens + chunk - 1) / chunk);
   out->pdl = plan.pdl ? 1 : 0;
+  // what the first launch's kernel does with them: prefetch when its blocks walk several rows,
+  // early weights when each has one (and the kernel holds weights after the exchange at all)
+  const bool one_row = out->grid >= first;
+  out->prefetch_rows = plan.wide_row || one_row || plan.vec == 1 ? 0 : plan.prefetch_rows;
+  out->early_weights = !plan.wide_row && one_row && plan.vec > 1 && plan.vpt > 2 && plan.early_weights &&
+                       a->segment[0].weight_dtype == a->dtype &&
+                       (a->num_segments == 1 || a->segment[1].weight_dtype == a->dtype) &&
+                       (capacity > 0 || a->mode != ARMS_MODE_STATS_OUT);
   return ARMS_OK;
 }
 
@@ -380,6 +408,8 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
     return fail(ARMS_INVALID_ARGUMENT, "tokens * groups_in_row must stay below 2^31");
   p.rank_first = 0;
   p.rank_count = lamport ? lamport->nranks : 1;
+  p.prefetch_rows = plan.prefetch_rows;
+  p.early_weights = plan.early_weights ? 1 : 0;
   if (lamport) {
     p.lamport = *lamport;
     if (a->rank_group > 0) {

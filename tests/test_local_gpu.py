@@ -228,3 +228,46 @@ def test_wide_row_kernel_forced_on_every_width(dtype, warps, wide_row_kernel_for
 def test_plan_override_rejects_unknown_vectors_per_thread():
     with pytest.raises(ValueError, match="wide-row"):
         _native.front().set_plan_override(_native.dl_device_type(), 0, 3, 0)
+
+
+def test_plan_override_rejects_bad_prefetch_and_early_weights():
+    front, device_type = _native.front(), _native.dl_device_type()
+    with pytest.raises(ValueError, match="prefetch_rows"):
+        front.set_plan_override(device_type, 0, 0, 0, 9, -1)
+    with pytest.raises(ValueError, match="early_weights"):
+        front.set_plan_override(device_type, 0, 0, 0, -1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefetch_and_early_weights_change_no_bit(dtype):
+    """The ABI 5 plan knobs move loads earlier, never the math. With the L2 prefetch 0, 1 or 3 grid
+    strides ahead and the weights fetched before or after the statistic, plans of the same warps and
+    vectors per thread give the same bits, and every plan matches the float64 reference. T=256 gives
+    every block one row (where weights are fetched early), 1000 and 20000 several (where rows are
+    prefetched); weights in the activations' dtype (fetched early) and in fp32 (always read late)."""
+    front, device_type = _native.front(), _native.dl_device_type()
+    dev = torch.device("cuda", 0)
+    q_size, kv_size, eps = 3072, 512, 1e-6
+    plans = [(4, 4, -1, 0), (4, 4, -1, 1), (2, 8, 0, 1), (2, 8, 1, 1), (2, 8, 3, 1), (2, 8, 1, 0)]
+    try:
+        for tokens in (256, 1000, 20000):
+            g = torch.Generator(device=dev).manual_seed(tokens)
+            qkv = torch.randn(tokens, q_size + 2 * kv_size, device=dev, generator=g)
+            qkv = (qkv * torch.rand(tokens, 1, device=dev, generator=g) * 4).to(dtype)  # rows of different scales
+            for wdtype in (dtype, torch.float32):
+                qw = (1 + 0.5 * torch.randn(q_size, device=dev, generator=g)).to(wdtype)
+                kw = (1 + 0.5 * torch.randn(kv_size, device=dev, generator=g)).to(wdtype)
+                outputs = []
+                for warps, vpt, prefetch, early in plans:
+                    front.set_plan_override(device_type, warps, vpt, 0, prefetch, early)
+                    outputs.append(allreduce_rms.qk_norm(qkv, qw, kw, q_size, kv_size, eps))
+                q_ref, = reference([qkv[:, :q_size]], [qw], eps)
+                k_ref, = reference([qkv[:, q_size:q_size + kv_size]], [kw], eps)
+                for plan, (q, k) in zip(plans, outputs):
+                    where = (tokens, wdtype, plan)
+                    assert rel_err(q, q_ref) <= TOLERANCE[dtype] and rel_err(k, k_ref) <= TOLERANCE[dtype], where
+                    # the same warps and vectors per thread add in the same order: the same bits
+                    first = outputs[next(i for i, other in enumerate(plans) if other[:2] == plan[:2])]
+                    assert torch.equal(q, first[0]) and torch.equal(k, first[1]), where
+    finally:
+        front.set_plan_override(device_type, 0, 0, 0, -1, -1)

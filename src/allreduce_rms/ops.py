@@ -465,7 +465,9 @@ def fused_plan(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
 
     Returns a dict: ``warps_per_token`` (warps of one block, which serves one token at a time),
     ``vectors_per_thread``, ``vector_elems``, ``block`` (threads), ``grid`` (blocks of the first
-    launch), ``launches`` (chunks), ``pdl``. For the benchmark's record and tuning: it
+    launch), ``launches`` (chunks), ``pdl``, ``prefetch_rows`` (L2 prefetch distance in grid
+    strides of a block that walks several rows; 0: none), ``early_weights`` (True: each block has
+    one row and fetches its weights with it, before the exchange). For the benchmark's record and tuning: it
     synchronizes the device (to read the workspace's capacity), so never call it while capturing
     a CUDA graph. Raises ValueError unless ``workspace.path == "fused"`` and qkv is on its GPU.
     """
