@@ -12,7 +12,8 @@ MiniMax-M2 shapes (48 q heads, 8 kv heads, head_dim 128, bf16):
 * sweep (``--sweep``): the graph time of every valid (warps per token, vectors per thread) plan
   at each T, next to the launcher's own choice (``--plans`` names the plans; vectors per thread
   -1 is the two-pass wide-row kernel; a suffix ``pD`` sets the L2 prefetch distance in grid
-  strides, ``eE`` early weights on (1) or off (0): ``2x8x1p0``, ``8x4x1e0``).
+  strides, ``eE`` early weights on (1) or off (0), ``bB`` one epoch reader per block (1) or per
+  warp (0): ``2x8x1p0``, ``8x4x1e0``, ``16x1x1b0``).
 
     python benchmarks/trace_kernel.py --json trace.json [--tokens 1 64 1024 8192] [--sweep]
 
@@ -34,12 +35,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 PHASES = ("launch_to_wait", "load_and_reduce", "send", "exchange_wait", "normalize_store")
-# (warps per token, vectors per thread, tokens per block, prefetch distance, early weights) tried
-# by --sweep; -1 = the launcher's choice
-SWEEP_SMALL = [(16, 1, 1, -1, -1), (8, 2, 1, -1, -1), (8, 4, 1, -1, -1), (8, 4, 1, -1, 0), (4, 4, 1, -1, -1)]
-SWEEP_LARGE = [(8, 4, 1, -1, -1), (8, 4, 1, -1, 0), (4, 4, 1, -1, -1), (4, 4, 1, -1, 0), (4, 4, 2, 0, -1),
-               (4, 4, 2, 2, -1), (2, 8, 1, 0, -1), (2, 8, 1, 1, -1), (2, 8, 1, 2, -1), (2, 8, 1, 4, -1),
-               (2, 8, 1, -1, 0), (2, 8, 2, 2, -1)]
+# plans tried by --sweep (see _plan; a knob left out is the launcher's choice)
+SWEEP_SMALL = ["16x1x1", "16x1x1b0", "8x2x1", "8x2x1b0", "4x4x1", "4x4x1b0"]
+SWEEP_LARGE = ["8x4x1", "4x4x1", "4x4x1b0", "4x4x1e0", "2x8x1", "2x8x1b0", "2x8x1e0", "2x8x1p0", "2x8x1p2"]
 
 
 def _graph_us(ctx: Any, fn) -> Dict[str, float]:
@@ -105,14 +103,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
         entry["trace_rank_us"] = _phases(trace.cpu())
         if args.sweep:
             sweep = {}
-            plans = args.plans or (SWEEP_SMALL if tokens <= 64 else SWEEP_LARGE)
+            plans = args.plans or [_plan(text) for text in (SWEEP_SMALL if tokens <= 64 else SWEEP_LARGE)]
             for plan in plans:
-                warps, vpt, per_block, prefetch, early = plan
+                warps, vpt = plan[:2]
                 if vpt > 0 and warps * 32 * vpt < (q_size + kv_size) // 8:
                     continue
-                front.set_plan_override(_native.dl_device_type(), warps, vpt, per_block, prefetch, early)
+                front.set_plan_override(_native.dl_device_type(), *plan)
                 sweep[_plan_name(plan)] = _graph_us(ctx, call)["median"]
-            front.set_plan_override(_native.dl_device_type(), 0, 0, 0, -1, -1)
+            front.set_plan_override(_native.dl_device_type(), 0, 0, 0, -1, -1, -1)
             entry["sweep_us"] = sweep
         results.append(entry)
         if rank == 0:
@@ -130,20 +128,22 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     dist.destroy_process_group()
 
 
+KNOBS = "peb"  # suffix letters, in order: prefetch distance, early weights, epoch reader per block
+
+
 def _plan(text: str) -> tuple:
-    """'2x8x1' or '2x8x1p2e0' -> (warps, vpt, tokens per block, prefetch, early weights)."""
-    match = re.fullmatch(r"(-?\d+)x(-?\d+)x(\d+)(?:p(\d+))?(?:e([01]))?", text)
+    """'2x8x1' or '2x8x1p2e0b1' -> (warps, vpt, tokens per block, prefetch, early weights, epoch
+    per block), the set_plan_override arguments; a knob left out is -1 (the launcher's choice)."""
+    match = re.fullmatch(r"(-?\d+)x(-?\d+)x(\d+)(?:p(\d+))?(?:e([01]))?(?:b([01]))?", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"plan {text!r}: expected WARPSxVPTxTOKENS[pPREFETCH][eEARLY], e.g. 2x8x1p2")
-    warps, vpt, per_block, prefetch, early = match.groups()
-    return (int(warps), int(vpt), int(per_block), -1 if prefetch is None else int(prefetch),
-            -1 if early is None else int(early))
+        raise argparse.ArgumentTypeError(
+            f"plan {text!r}: expected WARPSxVPTxTOKENS[pPREFETCH][eEARLY][bPERBLOCK], e.g. 2x8x1p2")
+    return tuple(-1 if v is None else int(v) for v in match.groups())
 
 
 def _plan_name(plan: tuple) -> str:
-    warps, vpt, per_block, prefetch, early = plan
-    return (f"{warps}x{vpt}x{per_block}" + ("" if prefetch < 0 else f"p{prefetch}")
-            + ("" if early < 0 else f"e{early}"))
+    warps, vpt, per_block = plan[:3]
+    return f"{warps}x{vpt}x{per_block}" + "".join(f"{k}{v}" for k, v in zip(KNOBS, plan[3:]) if v >= 0)
 
 
 def main() -> int:

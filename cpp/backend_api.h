@@ -142,6 +142,8 @@ typedef struct ArmsPlan {
                           * grid strides beyond the one it loads; 0: no prefetch */
   int32_t early_weights; /* ABI 5. 1: with one row per block, weights are fetched with the row,
                           * before the exchange wait (else after it) */
+  int32_t epoch_per_block; /* ABI 5. 1: one thread per block reads the workspace epoch (else one
+                            * per warp) */
 } ArmsPlan;
 
 /* Floor probes (floor_launch): what a launch costs with nothing in it, and with the smallest
@@ -182,9 +184,9 @@ typedef struct ArmsBackendApi {
   int (*plan)(const ArmsNormArgs* args, int capacity, ArmsPlan* out);
   /* Tuning: force warps per token, vectors per thread and tokens per block (at least; the grid
    * is still clamped to co-resident blocks) for every later launch (0 = automatic), and (ABI 5)
-   * the prefetch distance and early weights of ArmsPlan (-1 = automatic). */
+   * the prefetch distance, early weights and epoch readers of ArmsPlan (-1 = automatic). */
   int (*set_plan_override)(int warps_per_token, int vectors_per_thread, int tokens_per_block, int prefetch_rows,
-                           int early_weights);
+                           int early_weights, int epoch_per_block);
   /* Profiling: block 0 of every fused launch writes 6 globaltimer stamps (entry, after the PDL
    * wait, first row loaded and reduced, its partials sent, its peers' partials arrived, all stores
    * issued) to the first 6 of the ARMS_TRACE_POINTS words at trace[(call % depth) *

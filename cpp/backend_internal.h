@@ -33,7 +33,7 @@ int run_probe(const LamportParams& lp, uint32_t nonce, int drop_peer_writes, int
 // Choose the plan a call would use (see ArmsBackendApi::plan) and the tuning override.
 int describe_plan(const ArmsNormArgs* args, int capacity, ArmsPlan* out);
 int set_plan_override(int warps_per_token, int vectors_per_thread, int tokens_per_block, int prefetch_rows,
-                      int early_weights);
+                      int early_weights, int epoch_per_block);
 
 // One floor-probe launch (ArmsFloorKind) with the exchange of lp.
 int launch_floor(const LamportParams& lp, int kind, int device, platform::Stream stream);

@@ -44,7 +44,8 @@ constexpr int kTracePoints = 8;                 // uint64 timestamps per traced 
 struct ControlBlock {
   uint32_t epoch;        // launches completed on this workspace, modulo 2^31; slot = epoch % 2
   uint32_t failed;       // sticky: a spin timed out; every later launch outputs NaN and exits
-  uint32_t arrived;      // warps of the running launch that have read `epoch`
+  uint32_t arrived;      // warps (read_epoch) or blocks (read_epoch_per_block) of the running launch
+                         // that have read `epoch`
   uint32_t floor_epoch;  // the floor probe's own epoch (floor_exchange_kernel)
 };
 
@@ -86,6 +87,7 @@ struct Epoch {
   uint32_t flag;
   uint32_t slot;
   bool failed;
+  bool counted_blocks;  // the launch counted one reader per block (read_epoch_per_block), not per warp
 };
 
 // Read the epoch (after pdl_wait: the previous launch wrote it) and count this warp as having
@@ -109,6 +111,33 @@ __device__ inline Epoch read_epoch(const LamportParams& lp, int lane) {
   e.failed = __float_as_uint(platform::warp_shfl(__uint_as_float(static_cast<uint32_t>(words >> 32)), 0)) != 0u;
   e.flag = flag_of(e.epoch);
   e.slot = e.epoch % kSlots;
+  e.counted_blocks = false;
+  return e;
+}
+
+// read_epoch with one reader per block, for launches of several blocks: thread 0 reads and counts
+// the block, the other threads take the words from shared memory after a barrier and never read
+// the control block themselves. So a launch of B blocks of W warps queues 2 * B requests (not
+// 2 * B * W) at the one address the epoch lives at, and every block's count still follows its
+// only read (the acquire orders it). Every thread of the block must call it (it has a barrier).
+// Measured on 2x H200 (history/trace-H200-tp2-epoch-readers-sweep.json): T = 1024 (1024 blocks
+// of 2 warps) 6.41 us against 7.29 per warp, T = 512 (512 blocks of 4 warps) 4.88 against 6.35,
+// equal at T = 8 and 64. Spreading the blocks over 32 copies of the epoch, each with its own count
+// (history/trace-H200-tp2-epoch-copies-sweep.json), gained less (6.85 against 7.29 at T = 1024):
+// writing and polling the copies at the end of the launch cost more than the queue it saved.
+__device__ inline Epoch read_epoch_per_block(const LamportParams& lp, uint64_t* shared_words) {
+  if (threadIdx.x == 0) {
+    *shared_words = platform::load_acquire_gpu_u64(&lp.ctrl->epoch);
+    platform::red_add_relaxed_gpu(&lp.ctrl->arrived, 1u);
+  }
+  __syncthreads();
+  const uint64_t words = *shared_words;
+  Epoch e;
+  e.epoch = static_cast<uint32_t>(words);
+  e.failed = static_cast<uint32_t>(words >> 32) != 0u;
+  e.flag = flag_of(e.epoch);
+  e.slot = e.epoch % kSlots;
+  e.counted_blocks = true;
   return e;
 }
 
@@ -198,18 +227,18 @@ __device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoc
   }
 }
 
-// Block 0's first thread moves the epoch on once every warp of the launch has read it (their
-// counts in `arrived`; a one-block launch has no other warps to wait for). No fence and no
-// returning atomic on the way: the next launch reads the new epoch only after this grid has
-// completed (pdl_wait / stream order), which makes every write of this grid visible to it.
-// The wait is bounded like every other spin; in practice the count is complete long before
+// Block 0's first thread moves the epoch on once every warp (or block, e.counted_blocks) of the
+// launch has read it (their counts in `arrived`; a one-block launch has no other reader to wait
+// for). No fence and no returning atomic on the way: the next launch reads the new epoch only after
+// this grid has completed (pdl_wait / stream order), which makes every write of this grid visible
+// to it. The wait is bounded like every other spin; in practice the count is complete long before
 // block 0 gets here, since all blocks of a launch are co-resident and count themselves first.
 __device__ inline void finish_launch(const LamportParams& lp, const Epoch& e, int tokens) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   if (gridDim.x > 1) {
-    const uint32_t warps = gridDim.x * (blockDim.x / platform::kWarpSize);
+    const uint32_t readers = e.counted_blocks ? gridDim.x : gridDim.x * (blockDim.x / platform::kWarpSize);
     const uint64_t start = platform::timer_ns();
-    while (platform::load_acquire_gpu(&lp.ctrl->arrived) < warps) {
+    while (platform::load_acquire_gpu(&lp.ctrl->arrived) < readers) {
       if (platform::timer_ns() - start > static_cast<uint64_t>(lp.timeout_ns)) {
         record_fault(lp, -1, e.epoch, tokens);  // peer -1: this rank's own blocks never all ran
         return;

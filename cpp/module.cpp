@@ -158,6 +158,7 @@ nb::dict plan_dict(const ArmsBackendApi& api, const ArmsNormArgs& a, int capacit
   d["pdl"] = plan.pdl != 0;
   d["prefetch_rows"] = plan.prefetch_rows;
   d["early_weights"] = plan.early_weights != 0;
+  d["epoch_per_block"] = plan.epoch_per_block != 0;
   return d;
 }
 
@@ -362,9 +363,10 @@ void launch_variant(nb::object workspace, int device_type, int device, int mode,
 
 // Tuning: force the plan of every later launch of this backend (0, 0, 0, -1, -1: automatic).
 void set_plan_override(int device_type, int warps_per_token, int vectors_per_thread, int tokens_per_block,
-                       int prefetch_rows, int early_weights) {
+                       int prefetch_rows, int early_weights, int epoch_per_block) {
   const ArmsBackendApi& api = backend(device_type);
-  check(api, api.set_plan_override(warps_per_token, vectors_per_thread, tokens_per_block, prefetch_rows, early_weights));
+  check(api, api.set_plan_override(warps_per_token, vectors_per_thread, tokens_per_block, prefetch_rows, early_weights,
+                                   epoch_per_block));
 }
 
 int dtype_code(const nb::dlpack::dtype& dt, const char* name) {
@@ -461,9 +463,9 @@ NB_MODULE(_front, m) {
   m.attr("WEIGHT_IN_INPUT_DTYPE") = static_cast<int>(ARMS_WEIGHT_IN_INPUT_DTYPE);
   m.def("set_plan_override", &set_plan_override, nb::arg("device_type"), nb::arg("warps_per_token"),
         nb::arg("vectors_per_thread"), nb::arg("tokens_per_block") = 0, nb::arg("prefetch_rows") = -1,
-        nb::arg("early_weights") = -1,
+        nb::arg("early_weights") = -1, nb::arg("epoch_per_block") = -1,
         "Tuning: force warps per token, vectors per thread and tokens per block (0: automatic), the L2\n"
-        "prefetch distance in grid strides and early weights (0 or 1) (-1: automatic).");
+        "prefetch distance in grid strides, early weights and one epoch reader per block (0 or 1) (-1: automatic).");
   m.attr("TRACE_POINTS") = ARMS_TRACE_POINTS;
   m.attr("FLOOR_EMPTY") = static_cast<int>(ARMS_FLOOR_EMPTY);
   m.attr("FLOOR_EXCHANGE") = static_cast<int>(ARMS_FLOOR_EXCHANGE);

@@ -124,6 +124,7 @@ int override_vpt = 0;
 int override_tokens_per_block = 0;
 int override_prefetch_rows = -1;
 int override_early_weights = -1;
+int override_epoch_per_block = -1;
 
 // L2 prefetch distance, in grid strides, of a block that walks several rows (prefill); 0 when
 // every block has one row. The row a block loads next is then already in L2 instead of DRAM.
@@ -184,6 +185,7 @@ struct Plan {
   bool wide_row = false;  // wide_row_kernel: vec is 1 (segment widths in elements), vpt kWideRowVpt
   int prefetch_rows = 0;  // KernelParams::prefetch_rows, for launches whose blocks walk several rows
   bool early_weights = true;  // KernelParams::early_weights
+  bool epoch_per_block = true;  // KernelParams::epoch_per_block
 };
 
 }  // namespace
@@ -197,7 +199,8 @@ int use_device(int device) {
   return ARMS_OK;
 }
 
-int set_plan_override(int warps, int vpt, int tokens_per_block, int prefetch_rows, int early_weights) {
+int set_plan_override(int warps, int vpt, int tokens_per_block, int prefetch_rows, int early_weights,
+                      int epoch_per_block) {
   const int max_warps = kMaxBlockThreads / platform::kWarpSize;
   if (warps < 0 || warps > max_warps || (warps & (warps - 1)) != 0)
     return fail(ARMS_INVALID_ARGUMENT,
@@ -210,11 +213,14 @@ int set_plan_override(int warps, int vpt, int tokens_per_block, int prefetch_row
     return fail(ARMS_INVALID_ARGUMENT, "prefetch_rows must be -1 (automatic) or 0..8 grid strides");
   if (early_weights < -1 || early_weights > 1)
     return fail(ARMS_INVALID_ARGUMENT, "early_weights must be -1 (automatic), 0 or 1");
+  if (epoch_per_block < -1 || epoch_per_block > 1)
+    return fail(ARMS_INVALID_ARGUMENT, "epoch_per_block must be -1 (automatic), 0 or 1");
   override_warps = warps;
   override_vpt = vpt;
   override_tokens_per_block = tokens_per_block;
   override_prefetch_rows = prefetch_rows;
   override_early_weights = early_weights;
+  override_epoch_per_block = epoch_per_block;
   return ARMS_OK;
 }
 
@@ -325,6 +331,7 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   plan->pdl = limits.pdl;
   plan->prefetch_rows = override_prefetch_rows >= 0 ? override_prefetch_rows : kPrefetchRows;
   plan->early_weights = override_early_weights != 0;
+  plan->epoch_per_block = override_epoch_per_block != 0;
   return ARMS_OK;
 }
 
@@ -363,6 +370,7 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
                        a->segment[0].weight_dtype == a->dtype &&
                        (a->num_segments == 1 || a->segment[1].weight_dtype == a->dtype) &&
                        (capacity > 0 || a->mode != ARMS_MODE_STATS_OUT);
+  out->epoch_per_block = !plan.wide_row && plan.epoch_per_block && out->grid > 1 ? 1 : 0;
   return ARMS_OK;
 }
 
@@ -410,6 +418,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   p.rank_count = lamport ? lamport->nranks : 1;
   p.prefetch_rows = plan.prefetch_rows;
   p.early_weights = plan.early_weights ? 1 : 0;
+  p.epoch_per_block = plan.epoch_per_block ? 1 : 0;
   if (lamport) {
     p.lamport = *lamport;
     if (a->rank_group > 0) {
