@@ -151,8 +151,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024, 4096, 8192, 16384])
     parser.add_argument("--sweep", action="store_true", help="time every valid plan at each T")
     parser.add_argument("--plans", type=_plan, nargs="+",
-                        help="with --sweep: these plans (WARPSxVPTxTOKENS, e.g. 2x8x1; VPT -1 is the wide-row "
-                             "kernel) at every T instead of the built-in lists")
+                        help="with --sweep: these plans (WARPSxVPTxTOKENS[pPREFETCH][eEARLY][bPERBLOCK], e.g. "
+                             "2x8x1 or 2x8x1p0b0; VPT -1 is the wide-row kernel) at every T instead of the built-in lists")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     world = torch.cuda.device_count()

@@ -19,7 +19,7 @@ extern "C" {
 #endif
 
 #define ARMS_BACKEND_ABI_VERSION 5 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants;
-                                     5: prefetch and early-weight plan knobs */
+                                     5: plan knobs: L2 prefetch, early weights, epoch read per block */
 #define ARMS_BACKEND_SYMBOL "arms_backend_api"
 #define ARMS_MAX_RANKS 8
 #define ARMS_MAX_SEGMENTS 2

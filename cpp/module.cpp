@@ -361,7 +361,7 @@ void launch_variant(nb::object workspace, int device_type, int device, int mode,
   }
 }
 
-// Tuning: force the plan of every later launch of this backend (0, 0, 0, -1, -1: automatic).
+// Tuning: force the plan of every later launch of this backend (0, 0, 0, -1, -1, -1: automatic).
 void set_plan_override(int device_type, int warps_per_token, int vectors_per_thread, int tokens_per_block,
                        int prefetch_rows, int early_weights, int epoch_per_block) {
   const ArmsBackendApi& api = backend(device_type);

@@ -118,7 +118,7 @@ int blocks_per_sm(KernelFn fn, int block, int device) {
   return n;
 }
 
-// Process-wide plan override for tuning runs (set_plan_override); 0 (the last two: -1) = automatic.
+// Process-wide plan override for tuning runs (set_plan_override); 0 (the last three: -1) = automatic.
 int override_warps = 0;
 int override_vpt = 0;
 int override_tokens_per_block = 0;
@@ -141,7 +141,8 @@ int pow2_ceil(int64_t v) {
 // - decode (under half a token per SM): as many warps per token as the row has 32-vector
 //   columns for (up to 16), one vector per thread or two (weights then stay in registers,
 //   loaded with the row);
-// - up to 4 tokens per SM: 4 warps and 4 vectors per thread, the weights fetched with the row
+// - up to 4 tokens per SM: 4 warps (more for rows over 512 vectors) and 4 vectors per thread,
+//   the weights fetched with the row
 //   (early_weights; history/trace-H200-tp2-early-weights-prefetch-sweep.json, T=256: 4.21 us
 //   against 5.11 for the 8-warp plan and 5.25 for this one with the weights read after the exchange);
 // - prefill: the fewest warps that cover the row with 8 vectors per thread; each block then walks
@@ -160,6 +161,14 @@ Shape choose_shape(int64_t row_vecs, int64_t tokens, bool wide, int sms) {
   const int max_warps = kMaxBlockThreads / warp;
   const int useful = std::min(max_warps, pow2_ceil((row_vecs + warp - 1) / warp));
   const int64_t per_sm_x2 = 2 * tokens / std::max(1, sms);  // tokens per SM, times two
+  if (wide && per_sm_x2 >= 1 && per_sm_x2 <= 8) {
+    // 4 vectors per thread with 4 warps (fewer if the row has fewer 32-vector columns): a row
+    // wider than 512 vectors gets more warps, not 8 vectors per thread (only the MiniMax row was
+    // measured in this band, where 8 warps x 4 had been the plan)
+    int w = std::min(useful, 4);
+    while (w < max_warps && static_cast<int64_t>(w) * warp * 4 < row_vecs) w *= 2;
+    if (static_cast<int64_t>(w) * warp * 4 >= row_vecs) return {w, 4, 1};
+  }
   int warps = per_sm_x2 == 0 ? useful : (per_sm_x2 <= 8 ? std::min(useful, 4) : 1);
   const int min_vpt = per_sm_x2 >= 1 && per_sm_x2 <= 8 ? 4 : (per_sm_x2 > 8 ? kMaxVpt : 1);
   if (!wide) {
@@ -365,12 +374,14 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
   // what the first launch's kernel does with them: prefetch when its blocks walk several rows,
   // early weights when each has one (and the kernel holds weights after the exchange at all)
   const bool one_row = out->grid >= first;
-  out->prefetch_rows = plan.wide_row || one_row || plan.vec == 1 ? 0 : plan.prefetch_rows;
+  // the first prefetch is of a block's third row (its first two are loaded directly)
+  const bool third_row = static_cast<int64_t>(out->grid) * 2 < first;
+  out->prefetch_rows = plan.wide_row || !third_row || plan.vec == 1 ? 0 : plan.prefetch_rows;
   out->early_weights = !plan.wide_row && one_row && plan.vec > 1 && plan.vpt > 2 && plan.early_weights &&
                        a->segment[0].weight_dtype == a->dtype &&
                        (a->num_segments == 1 || a->segment[1].weight_dtype == a->dtype) &&
                        (capacity > 0 || a->mode != ARMS_MODE_STATS_OUT);
-  out->epoch_per_block = !plan.wide_row && plan.epoch_per_block && out->grid > 1 ? 1 : 0;
+  out->epoch_per_block = capacity > 0 && !plan.wide_row && plan.epoch_per_block && out->grid > 1 ? 1 : 0;
   return ARMS_OK;
 }
 

@@ -116,7 +116,7 @@ __device__ __forceinline__ void pdl_trigger() {
 // wants p and bytes multiples of 16 (the caller's vector path guarantees both); elsewhere a no-op.
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(bytes) : "memory");
 #else
   (void)p;
   (void)bytes;

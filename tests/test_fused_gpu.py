@@ -244,6 +244,57 @@ def _back_to_back_worker(rank, world):
     return {"calls": calls, "eager_s": eager_s, "pdl": os.environ.get("ALLREDUCE_RMS_PDL", "1")}
 
 
+def _epoch_readers_worker(rank, world):
+    """Launches whose epoch is read per warp and per block (the plan override's epoch_per_block),
+    one-block and many-block, chunked and not, alternating back to back on one workspace, eager
+    and inside one captured graph: every launch must find the epoch the previous one left."""
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    front, device_type = _native.front(), _native.dl_device_type()
+    ws = allreduce_rms.Workspace(max_tokens=2048, timeout_ms=20_000)
+    assert ws.path == "fused", ws.reason
+    sizes = [1, 300, 1024, 5000, 7, 64]  # 5000: three chunks of one call
+    problems = [_problem(300 + i, t, 6144, 1024, torch.bfloat16, world, rank, dev) for i, t in enumerate(sizes)]
+    tol = TOLERANCE[torch.bfloat16]
+
+    def calls():
+        outs = []
+        for rep in range(4):
+            for i, (qkv, qw, kw, qs, ks, _, _) in enumerate(problems):
+                front.set_plan_override(device_type, 0, 0, 0, -1, -1, (rep + i) % 2)
+                outs.append(allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, ws))
+        return outs
+
+    def errors(outs):
+        return [max(rel_err(q, problems[j % len(problems)][5]), rel_err(k, problems[j % len(problems)][6]))
+                for j, (q, k) in enumerate(outs)]
+
+    try:
+        eager = errors(calls())
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            calls()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_outs = calls()
+        for _ in range(10):
+            graph.replay()
+        ws.synchronize()
+        graphed = errors(graph_outs)
+    finally:
+        front.set_plan_override(device_type, 0, 0, 0, -1, -1, -1)
+    ws.close()
+    return {"eager": eager, "graph": graphed, "tol": tol}
+
+
+def test_epoch_read_per_warp_and_per_block_alternate_safely():
+    for r in run_ranks(_epoch_readers_worker, WORLD, backend="nccl", timeout=300):
+        assert max(r["eager"]) <= r["tol"], r
+        assert max(r["graph"]) <= r["tol"], r
+
+
 def test_back_to_back_calls_do_not_hang():
     results = run_ranks(_back_to_back_worker, WORLD, backend="nccl", timeout=300)
     for r in results:

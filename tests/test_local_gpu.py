@@ -230,44 +230,54 @@ def test_plan_override_rejects_unknown_vectors_per_thread():
         _native.front().set_plan_override(_native.dl_device_type(), 0, 3, 0)
 
 
-def test_plan_override_rejects_bad_prefetch_and_early_weights():
+def test_plan_override_rejects_bad_prefetch_early_weights_and_epoch_readers():
     front, device_type = _native.front(), _native.dl_device_type()
     with pytest.raises(ValueError, match="prefetch_rows"):
         front.set_plan_override(device_type, 0, 0, 0, 9, -1)
     with pytest.raises(ValueError, match="early_weights"):
         front.set_plan_override(device_type, 0, 0, 0, -1, 2)
+    with pytest.raises(ValueError, match="epoch_per_block"):
+        front.set_plan_override(device_type, 0, 0, 0, -1, -1, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefetch_and_early_weights_change_no_bit(dtype):
     """The ABI 5 plan knobs move loads earlier, never the math. With the L2 prefetch 0, 1 or 3 grid
     strides ahead and the weights fetched before or after the statistic, plans of the same warps and
-    vectors per thread give the same bits, and every plan matches the float64 reference. T=256 gives
-    every block one row (where weights are fetched early), 1000 and 20000 several (where rows are
-    prefetched); weights in the activations' dtype (fetched early) and in fp32 (always read late)."""
+    vectors per thread give the same bits, and every plan matches the float64 reference.
+
+    T=256 gives every block one row (where weights are fetched early); T=1000 and 20000 with 4 rows
+    per block (tokens_per_block) give every block several (where rows are prefetched). Weights in
+    the activations' dtype (fetched early) and in fp32 (always read after the exchange). The plans
+    hold the MiniMax TP2 row (3584 elements) in registers at every dtype (16-byte vectors of 8 or
+    4 elements), so no call goes to the wide-row kernel, which has neither knob."""
     front, device_type = _native.front(), _native.dl_device_type()
     dev = torch.device("cuda", 0)
     q_size, kv_size, eps = 3072, 512, 1e-6
-    plans = [(4, 4, -1, 0), (4, 4, -1, 1), (2, 8, 0, 1), (2, 8, 1, 1), (2, 8, 3, 1), (2, 8, 1, 0)]
+    row_vecs = (q_size + kv_size) * torch.tensor([], dtype=dtype).element_size() // 16
+    shapes = [(4, 4), (2, 8)] if row_vecs <= 4 * 32 * 4 else [(8, 4), (4, 8)]
+    knobs = [(-1, 0), (-1, 1), (0, 1), (1, 1), (3, 1), (1, 0)]  # (prefetch_rows, early_weights)
+    for warps, vpt in shapes:
+        assert warps * 32 * vpt >= row_vecs, (warps, vpt, row_vecs)  # the register-resident kernel
     try:
-        for tokens in (256, 1000, 20000):
+        for tokens, per_block in ((256, 1), (1000, 4), (20000, 4)):
             g = torch.Generator(device=dev).manual_seed(tokens)
             qkv = torch.randn(tokens, q_size + 2 * kv_size, device=dev, generator=g)
             qkv = (qkv * torch.rand(tokens, 1, device=dev, generator=g) * 4).to(dtype)  # rows of different scales
             for wdtype in (dtype, torch.float32):
                 qw = (1 + 0.5 * torch.randn(q_size, device=dev, generator=g)).to(wdtype)
                 kw = (1 + 0.5 * torch.randn(kv_size, device=dev, generator=g)).to(wdtype)
-                outputs = []
-                for warps, vpt, prefetch, early in plans:
-                    front.set_plan_override(device_type, warps, vpt, 0, prefetch, early)
-                    outputs.append(allreduce_rms.qk_norm(qkv, qw, kw, q_size, kv_size, eps))
                 q_ref, = reference([qkv[:, :q_size]], [qw], eps)
                 k_ref, = reference([qkv[:, q_size:q_size + kv_size]], [kw], eps)
-                for plan, (q, k) in zip(plans, outputs):
-                    where = (tokens, wdtype, plan)
-                    assert rel_err(q, q_ref) <= TOLERANCE[dtype] and rel_err(k, k_ref) <= TOLERANCE[dtype], where
-                    # the same warps and vectors per thread add in the same order: the same bits
-                    first = outputs[next(i for i, other in enumerate(plans) if other[:2] == plan[:2])]
-                    assert torch.equal(q, first[0]) and torch.equal(k, first[1]), where
+                for warps, vpt in shapes:
+                    first = None
+                    for prefetch, early in knobs:
+                        front.set_plan_override(device_type, warps, vpt, per_block, prefetch, early)
+                        q, k = allreduce_rms.qk_norm(qkv, qw, kw, q_size, kv_size, eps)
+                        where = (tokens, wdtype, warps, vpt, prefetch, early)
+                        assert rel_err(q, q_ref) <= TOLERANCE[dtype] and rel_err(k, k_ref) <= TOLERANCE[dtype], where
+                        # the same warps and vectors per thread add in the same order: the same bits
+                        first = first or (q, k)
+                        assert torch.equal(q, first[0]) and torch.equal(k, first[1]), where
     finally:
-        front.set_plan_override(device_type, 0, 0, 0, -1, -1)
+        front.set_plan_override(device_type, 0, 0, 0, -1, -1, -1)
