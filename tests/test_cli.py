@@ -102,7 +102,7 @@ def test_quick_cpu_run_checked_every_dtype(quick_run):
 def test_quick_cpu_run_prints_the_tables(quick_run):
     stdout = quick_run[1]
     for text in ("Correctness check: PASS", "fallback", "unfused_eager", "roofline", "minimax", "other",
-                 "Not measured: fused, unfused_compiled, symm_mem_oneshot: timed on GPUs only", "Targets (DESIGN.md",
+                 "Not measured: fused, unfused_compiled, symm_mem_oneshot: timed on GPUs only", "Targets (the project's",
                  "µs per call", "p20–p80"):
         assert text in stdout, text
     assert " us " not in stdout and "us per" not in stdout.replace("µs per", "")

@@ -5,7 +5,7 @@
 
 Per shape, one table: T rows, one column per method in microseconds (µs) per call (CUDA-graph
 replay on GPUs, eager wall-clock on CPU), each median with its p20-p80 spread where the file
-has it (schema 2), fused / roofline, and the DESIGN.md target status. Terminal tables are drawn
+has it (schema 2), fused / roofline, and the status of the performance targets. Terminal tables are drawn
 by rich; the markdown is for README.md.
 """
 
@@ -341,7 +341,7 @@ def _shape_renderables(results: Dict[str, Any], shape: str) -> List[Any]:
         out.append(eager)
     speed = speedup_table(results, shape)
     if speed:
-        out.append(Text("Baseline time / fused time (> 1: fused is faster)"))
+        out.append(Text("Baseline time / fused time (> 1: fused is faster; fused/roofline: > 1 is slower than the roofline)"))
         table = _rich_table(speed[0])
         for line in speed[1]:
             table.add_row(*line)
@@ -372,7 +372,7 @@ def _target_renderables(targets: Dict[str, Any]) -> List[Any]:
     from rich.text import Text
 
     setup = targets.get("setup", {})
-    out: List[Any] = [Text(f"Targets (DESIGN.md; TP{setup.get('tp')} {setup.get('shape')} {setup.get('dtype')}, "
+    out: List[Any] = [Text(f"Targets (the project's, for 2x H200; TP{setup.get('tp')} {setup.get('shape')} {setup.get('dtype')}, "
                            f"fused path): {targets.get('met', 0)} met, {targets.get('missed', 0)} missed", style="bold")]
     for note in targets.get("notes", []):
         out.append(Text(f"  note: {note}", style="dim"))
@@ -461,7 +461,8 @@ def render_markdown(all_results: Sequence[Dict[str, Any]]) -> str:
             out += ["", f"**{_shape_words(results, shape)}**", "", _md_table(*shape_table(results, shape))]
             speed = speedup_table(results, shape)
             if speed:
-                out += ["", "Baseline time / fused time (> 1: fused is faster):", "", _md_table(*speed)]
+                out += ["", "Baseline time / fused time (> 1: fused is faster; fused/roofline: > 1 is slower than "
+                        "the roofline):", "", _md_table(*speed)]
         errors = _errors(results)
         if errors:
             out += ["", "Errors:", ""] + [f"- {e}" for e in errors]
@@ -534,7 +535,7 @@ def plot(results: Dict[str, Any], path: str) -> Optional[str]:
                     ax.fill_between(xs, lows, highs, color=color, alpha=0.2, linewidth=0)
         limits = [(t["T"], t["limit_us"]) for t in TARGETS if "limit_us" in t]
         if shape == "minimax" and key == "graph_us" and any((t, "fused") in by for t, _ in limits):
-            ax.plot(*zip(*limits), marker="v", color="red", linestyle="none", label="DESIGN.md target")
+            ax.plot(*zip(*limits), marker="v", color="red", linestyle="none", label="target")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
