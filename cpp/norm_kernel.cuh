@@ -245,9 +245,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   auto loaded_weight = [&](int i, const KernelSegment& g, float(&w)[VEC]) {
     load_weight<VEC>(g.weight, g.weight_dtype, c.col(i), w);
   };
-  // Weights at VPT > 2 when every block has one row (decode): fetched with the row, in the
-  // activations' dtype, in the registers the second row would take, so their latency hides behind
-  // the exchange instead of following it.
+  // Weights at VPT > 2 when every block has one row (T up to the co-resident grid: about 1000
+  // MiniMax rows on an H200): fetched with the row, in the activations' dtype, in the registers
+  // the second row would take, so their latency hides behind the exchange instead of following it.
   constexpr bool kCanFetchEarly = kNormalizes && !kCacheWeights && VEC * sizeof(typename D::storage) == 16;
   const bool one_row = gridDim.x >= p.tokens;
   const bool early = kCanFetchEarly && one_row && p.early_weights && weights_in_activation_dtype<D>(p);
