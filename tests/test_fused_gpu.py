@@ -51,6 +51,32 @@ def _problem(seed, tokens, q_full, k_full, dtype, world, rank, device):
     return qkv, cols(qw_all, qs, rank).to(device), cols(kw_all, ks, rank).to(device), qs, ks, q_ref, k_ref
 
 
+def _eager_then_graphed(dev, run_all, worst, eager_runs, replays):
+    """worst(run_all()) over `eager_runs` eager runs, then run_all() captured once in a CUDA graph
+    (after a warm-up on a side stream, as capture requires) and replayed `replays` times, its
+    outputs poisoned with NaN before each replay so that a replay that writes nothing cannot pass.
+    run_all returns a list of outputs, each a tensor or a tuple of tensors. Returns the eager and
+    the graphed worst errors, one per run."""
+    eager = [worst(run_all()) for _ in range(eager_runs)]
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        run_all()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_outs = run_all()
+    graphed = []
+    for _ in range(replays):
+        for out in graph_outs:
+            for t in (out if isinstance(out, tuple) else (out,)):
+                t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        graphed.append(worst(graph_outs))
+    return eager, graphed
+
+
 def _correctness_worker(rank, world):
     dev = torch.device("cuda", rank)
     ws = allreduce_rms.Workspace(max_tokens=CAPACITY, timeout_ms=30_000)
@@ -174,23 +200,7 @@ def _changing_tokens_worker(rank, world):
     def worst(outs):
         return max(max(rel_err(q, p[5]), rel_err(k, p[6])) for (q, k), p in zip(outs, problems))
 
-    eager = [worst(run_all()) for _ in range(3)]
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        run_all()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_outs = run_all()
-    for out in graph_outs:  # poison: a replay that writes nothing cannot pass
-        for t in out:
-            t.fill_(float("nan"))
-    graphed = []
-    for _ in range(5):
-        graph.replay()
-        torch.cuda.synchronize(dev)
-        graphed.append(worst(graph_outs))
+    eager, graphed = _eager_then_graphed(dev, run_all, worst, eager_runs=3, replays=5)
     ws.synchronize()
     ws.close()
     return {"eager": eager, "graph": graphed, "tol": tol}
@@ -265,24 +275,13 @@ def _epoch_readers_worker(rank, world):
                 outs.append(allreduce_rms.qk_norm(qkv, qw, kw, qs, ks, 1e-6, ws))
         return outs
 
-    def errors(outs):
-        return [max(rel_err(q, problems[j % len(problems)][5]), rel_err(k, problems[j % len(problems)][6]))
-                for j, (q, k) in enumerate(outs)]
+    def worst(outs):
+        return max(max(rel_err(q, problems[j % len(problems)][5]), rel_err(k, problems[j % len(problems)][6]))
+                   for j, (q, k) in enumerate(outs))
 
     try:
-        eager = errors(calls())
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            calls()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            graph_outs = calls()
-        for _ in range(10):
-            graph.replay()
+        eager, graphed = _eager_then_graphed(dev, calls, worst, eager_runs=1, replays=10)
         ws.synchronize()
-        graphed = errors(graph_outs)
     finally:
         front.set_plan_override(device_type, 0, 0, 0, -1, -1, -1)
     ws.close()
@@ -653,23 +652,7 @@ def _wide_and_fast_mixed_worker(rank, world):
             errs += [rel_err(q, fast[5]), rel_err(k, fast[6]), rel_err(outs[2 * i + 1], ref)]
         return max(errs)
 
-    eager = [worst(run_all()) for _ in range(20)]
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        run_all()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_outs = run_all()
-    graphed = []
-    for _ in range(20):
-        for out in graph_outs:  # poison: a replay that writes nothing cannot pass
-            for t in (out if isinstance(out, tuple) else (out,)):
-                t.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize(dev)
-        graphed.append(worst(graph_outs))
+    eager, graphed = _eager_then_graphed(dev, run_all, worst, eager_runs=20, replays=20)
     ws.synchronize()
     ws.close()
     return {"eager": eager, "graph": graphed, "tol": tol}
