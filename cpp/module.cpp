@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "backend_api.h"
+#include "hot_ops.h"
 
 namespace nb = nanobind;
 
@@ -248,12 +249,15 @@ class NativeWorkspace {
 
   void close() {
     if (ws_) {
+      hot_ops::forget_workspace(ws_);  // no torch hot op may launch on it any more
       api_->workspace_destroy(ws_);
       ws_ = nullptr;
     }
   }
   bool closed() const { return ws_ == nullptr; }
   int device_type() const { return device_type_; }
+  const ArmsBackendApi* api() const { return api_; }
+  ArmsWorkspace* handle() { return live(); }
 
  private:
   ArmsWorkspace* live() {
@@ -316,6 +320,18 @@ class PreparedNorm {
     } else {
       check(*api_, api_->norm(&a));
     }
+  }
+
+  // The next torch hot op called on this thread remembers its call shape with this launch
+  // (hot_ops.h); calls of more than max_tokens tokens are left to the Python layer.
+  void stage(int64_t max_tokens) {
+    hot_ops::Launch launch;
+    launch.api = ws_ ? ws_->api() : api_;
+    launch.workspace = ws_ ? ws_->handle() : nullptr;
+    launch.args = args_;
+    launch.in1_offset = in1_offset_;
+    launch.max_tokens = max_tokens;
+    hot_ops::stage(launch);
   }
 
  private:
@@ -451,6 +467,13 @@ NB_MODULE(_front, m) {
   m.def("backend_resources", &backend_resources, nb::arg("device_type"),
         "Live workspaces, open peer IPC mappings and workspace device bytes, over the whole process.");
   m.def("launch_local", &launch_local, "Local launch (no communication) with raw pointers.");
+  m.def("register_hot_ops", &hot_ops::register_ops, nb::arg("torch_libraries"),
+        "Register the kernels of allreduce_rms::_rms_norm_hot/_qk_norm_hot through torch's stable C ABI, "
+        "resolved from these already-loaded libtorch files; returns '' or why not.");
+  m.def("hot_unstage", &hot_ops::unstage, "Drop a launch staged by PreparedNorm.stage that no hot op took.");
+  m.def("hot_forget", &hot_ops::forget_workspace_id, nb::arg("workspace_id"),
+        "Forget every call shape the torch hot ops remember for this workspace id.");
+  m.def("hot_remembered", &hot_ops::remembered, "Call shapes the torch hot ops remember now.");
   m.def("launch_variant", &launch_variant, nb::arg("workspace").none(), nb::arg("device_type"), nb::arg("device"),
         nb::arg("mode"), nb::arg("dtype"), nb::arg("tokens"), nb::arg("eps"), nb::arg("stats"), nb::arg("stream"),
         nb::arg("rank_group"), nb::arg("segments"),
@@ -494,6 +517,8 @@ NB_MODULE(_front, m) {
            nb::arg("eps"), nb::arg("weight_dtype0"), nb::arg("in_stride0"), nb::arg("out_stride0"),
            nb::arg("width0"), nb::arg("full_width0"), nb::arg("in1_offset"), nb::arg("weight_dtype1"),
            nb::arg("in_stride1"), nb::arg("out_stride1"), nb::arg("width1"), nb::arg("full_width1"))
+      .def("stage", &PreparedNorm::stage, nb::arg("max_tokens"),
+           "Stage this launch for the next torch hot op called on this thread (it remembers the call's shape).")
       .def("__call__", &PreparedNorm::operator(), nb::arg("stream"), nb::arg("tokens"), nb::arg("x"), nb::arg("out0"), nb::arg("out1"),
            nb::arg("weight0"), nb::arg("weight1"),
            "Launch on `stream`: x (segment 1 at x + in1_offset bytes), the outputs and the weights.");
