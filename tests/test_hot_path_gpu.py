@@ -3,7 +3,8 @@ validation, and any change from that shape is still caught.
 
 Each test first makes a valid call (which records the shape), then changes one thing the
 validation looks at and checks that the change gives the same error a first call would, or, for
-a valid change, a result that matches the float64 reference.
+a valid change, a result that matches the float64 reference. The tests run twice, once per way
+of serving a remembered shape: the torch hot ops (C++, cpp/hot_ops.cpp) and the Python dict.
 """
 
 from __future__ import annotations
@@ -26,14 +27,32 @@ def _local_ref(x: torch.Tensor, w: torch.Tensor, eps: float = EPS) -> torch.Tens
     return reference([x], [w], eps)[0]
 
 
+@pytest.fixture(params=["hot ops", "python dict"])
+def serving(request, monkeypatch) -> str:
+    """Serve remembered shapes through the torch hot ops, or (with them switched off, as on a
+    torch without them) through the Python dict. Starts with nothing remembered."""
+    if request.param == "hot ops":
+        assert _hot_path._qk_hot is not None, _hot_path.HOT_OPS_ERROR  # a GPU torch >= 2.8 has them
+    else:
+        monkeypatch.setattr(_hot_path, "_rms_hot", None)
+        monkeypatch.setattr(_hot_path, "_qk_hot", None)
+    _hot_path._no_workspace_calls.clear()
+    _native_front().hot_forget(0)  # calls without a workspace
+    return request.param
+
+
+def _native_front():
+    return allreduce_rms._native.front()
+
+
 @gpu
 @needs_gpu
-def test_a_remembered_shape_is_served_without_validation(monkeypatch) -> None:
+def test_a_remembered_shape_is_served_without_validation(serving: str, monkeypatch) -> None:
     x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(256, device="cuda", dtype=torch.bfloat16)
-    _hot_path._no_workspace_calls.clear()
     first = allreduce_rms.rms_norm(x, w, EPS)
     assert len(_hot_path._no_workspace_calls) == 1
+    assert _native_front().hot_remembered() == (1 if serving == "hot ops" else 0)
 
     def no_validation(*args, **kwargs):
         raise AssertionError("the full validation ran for a remembered shape")
@@ -60,7 +79,7 @@ def test_only_python_numbers_enter_a_key() -> None:
 
 @gpu
 @needs_gpu
-def test_every_change_after_a_remembered_call_is_caught() -> None:
+def test_every_change_after_a_remembered_call_is_caught(serving: str) -> None:
     width = 512
     x = torch.randn(8, width, device="cuda", dtype=torch.float16)
     w = torch.randn(width, device="cuda", dtype=torch.float16)
@@ -95,12 +114,20 @@ def test_every_change_after_a_remembered_call_is_caught() -> None:
         allreduce_rms.qk_norm(qkv, qw, kw, 64.0, 16, EPS)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="workspace"):
         allreduce_rms.qk_norm(qkv, qw, kw, 64, 16, EPS, "ws1")  # type: ignore[arg-type]
+    allreduce_rms.qk_norm(qkv, qw, kw, 64, 16, EPS, inplace=True)  # remembered in place
+    with pytest.raises(TypeError, match="inplace"):
+        allreduce_rms.qk_norm(qkv, qw, kw, 64, 16, EPS, inplace=1)  # type: ignore[arg-type]
+    allreduce_rms.rms_norm(x, w, 1.0)  # remembered with eps 1.0: True (== 1.0) must still be refused
+    with pytest.raises(TypeError, match="eps"):
+        allreduce_rms.rms_norm(x, w, True)
+    with pytest.raises(ValueError, match="q_weight"):
+        allreduce_rms.qk_norm(qkv, qw[:32], kw, 64, 16, EPS)
 
 
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_valid_changes_give_correct_results(dtype: torch.dtype) -> None:
+def test_valid_changes_give_correct_results(serving: str, dtype: torch.dtype) -> None:
     """Same strides and widths but other pointers (a misaligned start takes the scalar path),
     other token counts, other eps, out and in place: each result against float64."""
     tol = TOLERANCE[dtype]
@@ -138,6 +165,74 @@ def test_valid_changes_give_correct_results(dtype: torch.dtype) -> None:
             assert torch.equal(inplace[:, q_size + kv_size:], qkv[:, q_size + kv_size:])  # v untouched
 
 
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hot_ops_give_the_bits_of_the_direct_launch(dtype: torch.dtype, monkeypatch) -> None:
+    """Every result the hot ops serve (new outputs, in-place views; a weight dtype other than the
+    remembered one; T = 0) equals, bit for bit, the same call launched from Python."""
+    assert _hot_path._qk_hot is not None, _hot_path.HOT_OPS_ERROR
+    q_size, kv_size = 384, 128
+    qkv_buf = torch.randn(33, q_size + 2 * kv_size + 8, device="cuda").to(dtype)
+    qw = (1 + 0.2 * torch.randn(q_size, device="cuda")).to(dtype)
+    kw = (1 + 0.2 * torch.randn(kv_size, device="cuda")).to(dtype)
+
+    def run_all() -> list:
+        results = []
+        for tokens in (1, 33, 0, 5):
+            for start in (0, 2):
+                qkv = qkv_buf[:tokens, start:start + q_size + 2 * kv_size]
+                for weights in ((qw, kw), (qw.float(), kw)):  # a second weight dtype: another shape
+                    results += list(allreduce_rms.qk_norm(qkv, *weights, q_size, kv_size, EPS))
+                    results += list(allreduce_rms.qk_norm(qkv, *weights, q_size, kv_size, EPS))  # served
+                    inplace = qkv_buf.clone()[:tokens, start:start + q_size + 2 * kv_size]
+                    q, k = allreduce_rms.qk_norm(inplace, *weights, q_size, kv_size, EPS, inplace=True)
+                    assert q.stride() == inplace.stride() and k.stride() == inplace.stride()
+                    if tokens:  # q and k lie in qkv's memory
+                        assert q.data_ptr() == inplace.data_ptr()
+                        assert k.data_ptr() == inplace.data_ptr() + q_size * inplace.element_size()
+                    results += [q.clone(), k.clone(), inplace.clone()]
+                x = qkv[:, :q_size]
+                results.append(allreduce_rms.rms_norm(x, qw, EPS))
+                y = x.clone()
+                assert allreduce_rms.rms_norm(y, qw, EPS, out=y) is y
+                results.append(y)
+        torch.cuda.synchronize()
+        return results
+
+    _native_front().hot_forget(0)
+    served = run_all()
+    assert _native_front().hot_remembered() >= 4  # at least one call shape per output mode, remembered in C++
+    monkeypatch.setattr(_hot_path, "_rms_hot", None)
+    monkeypatch.setattr(_hot_path, "_qk_hot", None)
+    _hot_path._no_workspace_calls.clear()
+    direct = run_all()
+    assert len(served) == len(direct)
+    for i, (a, b) in enumerate(zip(served, direct)):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), i
+
+
+@gpu
+@needs_gpu
+def test_a_staged_launch_is_taken_by_the_next_call_only() -> None:
+    """A launch staged for a call the op cannot describe (3-D rows) is dropped with it, never
+    kept for a later call of another shape, which would then run with the wrong launch."""
+    assert _hot_path._qk_hot is not None, _hot_path.HOT_OPS_ERROR
+    _native_front().hot_forget(0)
+    _hot_path._no_workspace_calls.clear()
+    qkv = torch.randn(4, 64 + 2 * 16, device="cuda")
+    qw, kw = torch.randn(64, device="cuda"), torch.randn(16, device="cuda")
+    allreduce_rms.qk_norm(qkv, qw, kw, 64, 16, EPS)
+    entry = next(iter(_hot_path._no_workspace_calls.values()))
+    assert _native_front().hot_remembered() == 1
+    entry.launch.stage(1 << 20)
+    *_, served = torch.ops.allreduce_rms._qk_norm_hot(qkv.view(2, 2, -1), qw, kw, 64, 16, EPS, 0, False)
+    assert served is False
+    other = torch.randn(4, 32 + 2 * 16, device="cuda")  # never validated
+    *_, served = torch.ops.allreduce_rms._qk_norm_hot(other, qw[:32], kw, 32, 16, EPS, 0, False)
+    assert served is False and _native_front().hot_remembered() == 1
+
+
 # ------------------------------------------------------------------------- fused, 2 GPUs
 def _fused_worker(rank: int, world: int) -> dict:
     torch.manual_seed(0)
@@ -157,6 +252,7 @@ def _fused_worker(rank: int, world: int) -> dict:
         res["first"] = rel_err(allreduce_rms.rms_norm(x[:8], w, EPS, ws), want[:8])
         res["again"] = rel_err(allreduce_rms.rms_norm(x[:8], w, EPS, ws), want[:8])
         res["remembered"] = len(ws._hot_calls)
+        res["hot_remembered"] = allreduce_rms._native.front().hot_remembered()
         try:  # a remembered shape with more tokens than max_tokens: the same error as a first call
             allreduce_rms.rms_norm(x, w, EPS, ws)
             res["too_many"] = ""
@@ -176,6 +272,7 @@ def _fused_worker(rank: int, world: int) -> dict:
     except allreduce_rms.WorkspaceError as exc:
         res["closed"] = str(exc)
     res["remembered_after_close"] = len(ws._hot_calls)
+    res["hot_remembered_after_close"] = allreduce_rms._native.front().hot_remembered()
     return res
 
 
@@ -189,3 +286,4 @@ def test_fused_workspace_state_is_checked_on_every_call() -> None:
         assert "different calls" in r["debug"]
         assert "after close()" in r["closed"]
         assert r["remembered_after_close"] == 0
+        assert r["hot_remembered"] == 1 and r["hot_remembered_after_close"] == 0

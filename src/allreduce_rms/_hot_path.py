@@ -7,28 +7,44 @@ a qk_norm call (types, dtypes, shapes, strides, devices, sizes, eps, the workspa
 thirty tensor attributes, and used to cost more than the launch itself.
 
 The first call of a shape goes through the full validation in :mod:`allreduce_rms.ops`; if it
-takes a GPU kernel path (fused, or local on one rank) it records a :class:`_Prepared` entry
-under a key made of everything that validation looked at except the token count:
+takes a GPU kernel path (fused, or local on one rank) the shape is remembered under a key made
+of everything that validation looked at except the token count:
 
-    (type, dtype, device, row stride and width of the 2-D activations; type, shape, stride,
-     dtype and device of each weight; q_size and kv_size and their types; eps and its
-     type; the output mode: new tensors, in place, or an ``out`` tensor's type, dtype, device and strides)
+    (dtype, device, row stride and width of the 2-D activations; shape, stride, dtype and device
+     of each weight; q_size and kv_size; eps; the workspace; the output mode: new tensors, in
+     place, or an ``out`` tensor's dtype, device and strides)
 
 A later call whose key matches is valid by construction: the same checks on the same values
 give the same answer. What the key leaves out is checked on every call: the token count
-(against ``max_tokens`` when the workspace does not chunk, and an ``out`` tensor's rows), that
-the workspace is still open and in this process, and that debug mode is off (debug calls take
-the full path, which runs the cross-rank check). Pointers and their alignment are not part of
-the key either: the backend checks them on every launch and picks the vector width from them.
+(against ``max_tokens`` when the workspace does not chunk), that the workspace is still open and
+in this process, and that debug mode is off (debug calls take the full path, which runs the
+cross-rank check). Pointers and their alignment are not part of the key either: the backend
+checks them on every launch and picks the vector width from them.
 
-Only 2-D activations are served here ([T, W]: what serving engines pass); other ranks of
-tensors take the full path every time. Entries live in a dict per workspace (and one for calls
-without a workspace), bounded by :data:`MAX_ENTRIES`, and go away with the workspace.
+Two ways serve a remembered shape:
+
+* **The torch hot ops** (``torch.ops.allreduce_rms._rms_norm_hot`` / ``_qk_norm_hot``; C++
+  kernels in cpp/hot_ops.cpp registered through torch's stable C ABI): one dispatcher call reads
+  the tensors' metadata, finds the shape, allocates the outputs (or makes the in-place views) and
+  launches, without a Python operation per tensor. The key lives in C++, computed from the
+  tensors by the same code when a shape is remembered (the full path stages its prepared launch,
+  then calls the op) and when it is looked up. A call the op does not serve returns
+  ``served = False`` having launched nothing, and the full path runs: it raises the errors a bad
+  call deserves, with their Python types. The Python layer checks the scalar arguments' types
+  first (torch's schema would accept ``True`` for an int or a float). Serves 2-D calls with new
+  outputs or in place, on torch builds with CUDA or ROCm that export the stable C ABI (torch
+  2.8 and later).
+* **A Python dict** of keys (per workspace, and one for calls without a workspace) for every
+  other case: an ``out`` tensor given to rms_norm, or a torch without the hot ops. Its key also
+  holds the Python types of the tensors and scalars, bounded by :data:`MAX_ENTRIES`.
+
+Other ranks of tensors take the full path every time.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -38,6 +54,46 @@ from . import workspace as _workspace
 
 MAX_ENTRIES = 64  # call shapes remembered per workspace; a full dict is cleared and refilled
 _no_workspace_calls: Dict[tuple, "_Prepared"] = {}
+
+# ------------------------------------------------------------------------- the torch hot ops
+# Never traced: the public functions call them only outside torch.compile, and no fake kernel is
+# registered. ``workspace`` is Workspace._hot_id (0: none); ``served`` False means nothing was
+# launched and the tensor results are the first input.
+_library = torch.library.Library("allreduce_rms", "FRAGMENT")
+_library.define("_rms_norm_hot(Tensor(a!) x, Tensor weight, float eps, int workspace, bool inplace) "
+                "-> (Tensor, bool)")
+_library.define("_qk_norm_hot(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, int q_size, int kv_size, "
+                "float eps, int workspace, bool inplace) -> (Tensor, Tensor, bool)")
+_TORCH_LIBRARIES = ("libtorch_cpu.so", "libtorch_cuda.so", "libtorch_hip.so")  # resolved only if loaded
+
+
+def _register_hot_ops() -> Optional[str]:
+    """Register the hot ops' C++ kernels; None when registered, else why not."""
+    if _native._front is None:
+        return _native._FRONT_ERROR
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    return _native._front.register_hot_ops([os.path.join(lib_dir, name) for name in _TORCH_LIBRARIES]) or None
+
+
+HOT_OPS_ERROR: Optional[str] = _register_hot_ops()  # why the torch hot ops are not registered, or None
+_HOT_OPS_SERVE = HOT_OPS_ERROR is None and bool(torch.version.cuda or getattr(torch.version, "hip", None))
+
+
+def _raw_op(overload: Any) -> Any:
+    # the overload's C++ callable: OpOverload.__call__ adds a Python frame (1.6 us of 4.9 measured
+    # on a CPU host for _qk_norm_hot)
+    return getattr(overload, "_op", overload)
+
+
+# the hot ops' callables where they can serve calls (a GPU build of torch), else None
+_rms_hot = _raw_op(torch.ops.allreduce_rms._rms_norm_hot.default) if _HOT_OPS_SERVE else None
+_qk_hot = _raw_op(torch.ops.allreduce_rms._qk_norm_hot.default) if _HOT_OPS_SERVE else None
+
+
+def forget(workspace_id: int) -> None:
+    """Forget the call shapes the hot ops remember for a workspace (Workspace.close)."""
+    if HOT_OPS_ERROR is None:
+        _native._front.hot_forget(workspace_id)
 
 
 class _Prepared:
@@ -108,7 +164,7 @@ def qk_norm_key(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tenso
 # ------------------------------------------------------------------------- calls
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Any, ws: Any, out: Optional[torch.Tensor],
              debug: Callable[[], bool]) -> Optional[torch.Tensor]:
-    """The result of an rms_norm call served from a remembered shape, or None (take the full path)."""
+    """The result of an rms_norm call served from the Python dict, or None (take the full path)."""
     try:
         entry = (_no_workspace_calls if ws is None else ws._hot_calls).get(rms_norm_key(x, weight, eps, out))
     except (AttributeError, TypeError, ValueError, RuntimeError):
@@ -119,6 +175,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Any, ws: Any, out: Opti
     if out is not None and out is not x and out.shape != x.shape:
         return None
     return launch_rms_norm(entry, x, weight, out)
+
+
+def first_rms_norm(entry: _Prepared, x: torch.Tensor, weight: torch.Tensor, eps: float, ws: Any,
+                   out_given: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The launch of an rms_norm call the full path has just validated: through the hot op, which
+    remembers the shape for the calls after it, where it serves this output mode; else directly."""
+    if _rms_hot is not None and (out_given is None or out_given is x):
+        *results, served = _staged_call(entry, _rms_hot, x, weight, eps, 0 if ws is None else ws._hot_id,
+                                        out_given is not None)
+        if served:
+            return results[0]
+    return launch_rms_norm(entry, x, weight, out)
+
+
+def first_qk_norm(entry: _Prepared, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int,
+                  kv_size: int, eps: float, ws: Any, inplace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """qk_norm's counterpart of :func:`first_rms_norm`."""
+    if _qk_hot is not None:
+        q, k, served = _staged_call(entry, _qk_hot, qkv, q_weight, k_weight, q_size, kv_size, eps,
+                                    0 if ws is None else ws._hot_id, inplace)
+        if served:
+            return q, k
+    return launch_qk_norm(entry, qkv, q_weight, k_weight, inplace)
+
+
+def _staged_call(entry: _Prepared, op: Any, *args: Any) -> tuple:
+    """op(*args) with entry's launch staged, so that the op remembers the call's shape with it;
+    (..., False) when the op refuses the call (a tensor subclass's __torch_function__, say)."""
+    entry.launch.stage(entry.max_tokens if entry.max_tokens != math.inf else _NO_TOKEN_LIMIT)
+    try:
+        return op(*args)
+    except Exception:
+        return (None, None, False)
+    finally:
+        _native._front.hot_unstage()  # a call refused before the kernel ran must leave nothing staged
+
+
+_NO_TOKEN_LIMIT = 2 ** 62
 
 
 def launch_rms_norm(entry: _Prepared, x: torch.Tensor, weight: torch.Tensor,
@@ -132,7 +226,7 @@ def launch_rms_norm(entry: _Prepared, x: torch.Tensor, weight: torch.Tensor,
 
 def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: Any, kv_size: Any, eps: Any,
             ws: Any, inplace: Any, debug: Callable[[], bool]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The result of a qk_norm call served from a remembered shape, or None (take the full path)."""
+    """The result of a qk_norm call served from the Python dict, or None (take the full path)."""
     try:
         entry = (_no_workspace_calls if ws is None else ws._hot_calls).get(
             qk_norm_key(qkv, q_weight, k_weight, q_size, kv_size, eps, inplace))

@@ -265,7 +265,7 @@ class TPQKNorm(nn.Module):
 
     Shapes: ``forward(qkv, inplace=False)`` takes qkv of shape [..., q_size + 2*kv_size] (q | k | v
     columns of this rank, float32/float16/bfloat16) and returns (q [..., q_size], k [..., kv_size])
-    in qkv's dtype -- new tensors, or views of qkv written in place when ``inplace``.
+    in qkv's dtype -- new tensors, or qkv's q and k columns, written in place, when ``inplace``.
 
     Replicated KV heads (fewer KV heads than ranks) need nothing special at run time: each rank
     holds its head's k columns, the R = world_size / num_kv_heads copies of a head each add its

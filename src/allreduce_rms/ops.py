@@ -141,9 +141,20 @@ def rms_norm(
             or gate_act != "silu" or gate_position != "before"):  # not variants.is_default, written out (hot path)
         return variants.rms_norm_variant(x, weight, eps, workspace, out, gate, gate_act, gate_position, group_size,
                                          weight_offset, norm_width, weight_in_input_dtype)
-    served = _hot_path.rms_norm(x, weight, eps, workspace, out, _debug)
-    if served is not None:
-        return served  # a call shape validated before (see allreduce_rms._hot_path)
+    # a call shape validated before (allreduce_rms._hot_path): the torch hot op, or the Python dict
+    if _hot_path._rms_hot is not None and (out is None or out is x):
+        if ((type(eps) is float or type(eps) is int) and (workspace is None or not _debug())):
+            try:  # (the schema takes True for a float: only Python numbers are passed)
+                y, served = _hot_path._rms_hot(x, weight, eps, 0 if workspace is None else workspace._hot_id,
+                                               out is not None)
+                if served:
+                    return y
+            except Exception:  # what the op's schema refuses (not tensors, not a Workspace): the full path says why
+                pass
+    else:
+        y = _hot_path.rms_norm(x, weight, eps, workspace, out, _debug)
+        if y is not None:
+            return y
     _check_tensor("x", x)
     width = x.shape[-1]
     _check_weight("weight", weight, width, x)
@@ -165,7 +176,7 @@ def rms_norm(
             key = _hot_path.rms_norm_key(x, weight, eps_given, out_given)
             entry = _remember(key, workspace, x, world, OP_RMS_NORM, eps,
                               ((_DTYPES[weight.dtype], x.stride(0), out_stride, width, width * world),), 0)
-            return _hot_path.launch_rms_norm(entry, x, weight, out)
+            return _hot_path.first_rms_norm(entry, x, weight, eps, workspace, out_given, out)
         args = (x2.data_ptr(), out2.data_ptr(), weight.data_ptr(), _DTYPES[weight.dtype], x2.stride(0),
                 out2.stride(0), width, width * world) + _NO_SEGMENT
         _run_gpu(OP_RMS_NORM, x, tokens, args, 1, eps, workspace, world)
@@ -207,7 +218,9 @@ def qk_norm(
             wide-row kernel on GPUs (allreduce_rms.variant_kernels), the torch path on CPUs.
 
     Returns:
-        (q, k): new [..., q_size] and [..., kv_size] tensors, or views into qkv when inplace.
+        (q, k): new [..., q_size] and [..., kv_size] tensors, or, when inplace, tensors over qkv's
+        q and k columns (on GPUs a 2-D qkv's are made in C++, share its memory and are not
+        autograd views of it).
 
     Raises:
         TypeError: as :func:`rms_norm`, and q_size or kv_size not an int (a bool, float or str),
@@ -218,10 +231,22 @@ def qk_norm(
     """
     # variants.is_plain_qk, written out: a function call costs ~0.3 us of this call's budget
     plain = weight_in_input_dtype is False and weight_offset == 0.0 and type(weight_offset) in (float, int)
-    if plain:  # a variant must never be served by a remembered kernel call shape
+    # a call shape validated before (allreduce_rms._hot_path): the torch hot op, or the Python dict;
+    # a variant must never be served by a remembered kernel call shape
+    if plain and _hot_path._qk_hot is not None:
+        if ((type(eps) is float or type(eps) is int) and type(q_size) is int and type(kv_size) is int
+                and type(inplace) is bool and (workspace is None or not _debug())):
+            try:  # (the schema takes True for an int or a float: only Python numbers are passed)
+                q, k, served = _hot_path._qk_hot(qkv, q_weight, k_weight, q_size, kv_size, eps,
+                                                 0 if workspace is None else workspace._hot_id, inplace)
+                if served:
+                    return q, k
+            except Exception:  # what the op's schema refuses: the full path says why
+                pass
+    elif plain:
         served = _hot_path.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace, _debug)
         if served is not None:
-            return served  # a call shape validated before (see allreduce_rms._hot_path)
+            return served
     eps_given = eps
     if type(inplace) is not bool:
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} {inplace!r}")
@@ -246,7 +271,7 @@ def qk_norm(
         segments = ((_DTYPES[q_weight.dtype], stride, stride if inplace else q_size, q_size, q_size * world),
                     (_DTYPES[k_weight.dtype], stride, stride if inplace else kv_size, kv_size, kv_size * world))
         entry = _remember(key, workspace, qkv, world, OP_QK_NORM, eps, segments, q_size)
-        return _hot_path.launch_qk_norm(entry, qkv, q_weight, k_weight, inplace)
+        return _hot_path.first_qk_norm(entry, qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace)
     if plain and qkv.is_cuda and _native.kernels_ready():
         # The hot path: q and k as pointer offsets into qkv, no view objects (each costs ~2 us).
         base, stride, step = rows.data_ptr(), rows.stride(0), rows.element_size()

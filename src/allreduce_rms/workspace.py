@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _native
+from . import _hot_path, _native
 from ._collectives import all_gather_bytes, all_gather_fields, all_gather_ints
 
 log = logging.getLogger("allreduce_rms")
@@ -256,6 +256,7 @@ class Workspace:
         with _lock:
             _counter += 1
             self.key = f"ws{_counter}"
+            self._hot_id = _counter  # names it to the torch hot ops (allreduce_rms._hot_path); 0 is no workspace
 
         if self.world_size == 1:
             self.path, self.reason = "local", "one rank: no communication"
@@ -451,6 +452,7 @@ class Workspace:
         only marks the inherited copy closed."""
         if self._closed:
             return
+        _hot_path.forget(self._hot_id)  # before the buffers go: no hot op may launch on them
         if self._pid != _pid:
             self._native = None  # the parent's buffers: not ours to free, and not reachable here
         elif self._native is not None:
