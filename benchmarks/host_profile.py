@@ -11,8 +11,11 @@ per call (a loop of --calls calls, then a device synchronize and a barrier; medi
 * the native launch alone, its arguments computed once (the front module crossing plus the
   backend's launch, no Python validation, no allocation), with 21 arguments and as the hot
   path's prepared launch (allreduce_rms._hot_path) with 7, and the hot path's key;
-* the public calls: ``rms_norm`` and ``qk_norm``, out of place and in place, and the same calls
-  through ``torch.ops.allreduce_rms.*`` (the custom ops torch.compile traces to).
+* the torch hot ops (allreduce_rms._hot_path, cpp/hot_ops.cpp) called directly: serving a
+  remembered qk_norm shape, and a call they do not serve (3-D qkv: the dispatcher crossing alone);
+* the public calls: ``rms_norm`` and ``qk_norm``, out of place and in place, served by the hot
+  ops, then again with the hot ops switched off (served by the Python dict, as before them), and
+  the calls through ``torch.ops.allreduce_rms.*`` (the custom ops torch.compile traces to).
 
     python benchmarks/host_profile.py --json host-profile.json [--tokens 1 1024]
 
@@ -111,7 +114,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> Dict[str, Any]:
             "os.environ.get": lambda: os.environ.get("ALLREDUCE_RMS_DEBUG", "0"),
             "x.new_empty(T, q_size)": lambda: qkv.new_empty(tokens, q_size),
             "as_strided column view": lambda: qkv.as_strided((tokens, q_size), (stride, 1)),
-            "hot-path key + lookup (qk_norm)": lambda: ws._hot_calls.get(hot_key()),
+            "Python dict key + lookup (qk_norm)": lambda: ws._hot_calls.get(hot_key()),
             "native launch, 21 arguments (qk_norm in place)": lambda: ws._native.launch(*native_args),
             "prepared launch, 7 arguments (qk_norm in place)":
                 lambda: entry.launch(stream, tokens, base, base, k_ptr, wq.data_ptr(), wk.data_ptr()),
@@ -126,14 +129,32 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> Dict[str, Any]:
             "torch.ops qk_norm_ (in place)": lambda: ops.qk_norm_(qkv, wq, wk, q_size, kv_size, 1e-6, key),
         }
         parts.update({name: (lambda op=op: op(x)) for name, op in noop_ops.items()})
+        qk_hot, hot_id = _hot_path._qk_hot, ws._hot_id
+        if qk_hot is not None:
+            qkv3 = qkv.view(1, tokens, -1)
+            parts.update({
+                "hot op qk_norm out of place (served)":
+                    lambda: qk_hot(qkv, wq, wk, q_size, kv_size, 1e-6, hot_id, False),
+                "hot op qk_norm in place (served)": lambda: qk_hot(qkv, wq, wk, q_size, kv_size, 1e-6, hot_id, True),
+                "hot op call not served (3-D qkv)": lambda: qk_hot(qkv3, wq, wk, q_size, kv_size, 1e-6, hot_id, True),
+            })
         run = {"T": tokens, "host_us": {name: time_us(fn) for name, fn in parts.items()}}
+        # the public calls again, served by the Python dict (the hot ops switched off)
+        saved = _hot_path._rms_hot, _hot_path._qk_hot
+        _hot_path._rms_hot = _hot_path._qk_hot = None
+        try:
+            for name in ("rms_norm out of place", "rms_norm in place (out=x)", "qk_norm out of place",
+                         "qk_norm in place"):
+                run["host_us"][name + ", Python dict path"] = time_us(parts[name])
+        finally:
+            _hot_path._rms_hot, _hot_path._qk_hot = saved
         floor = run["host_us"]["eager_floor: x.add_(0)"]
         run["ratio_to_floor"] = {name: us / floor for name, us in run["host_us"].items()}
         out["runs"].append(run)
         if rank == 0:
             print(f"T={tokens}")
             for name, us in run["host_us"].items():
-                print(f"  {name:42s} {us:7.2f} us  {us / floor:5.2f}x floor", flush=True)
+                print(f"  {name:50s} {us:7.2f} us  {us / floor:5.2f}x floor", flush=True)
     ws.close()
     return out
 
