@@ -6,8 +6,8 @@
 // functions below are the stable C ABI's `extern "C"` entry points (torch/csrc/inductor/aoti_torch/
 // c/shim.h and torch/csrc/stable/c/shim.h): their names, signatures and meaning are fixed across
 // torch versions by design, which is what lets an extension built for torch 2.10 load in later ones.
-// A torch that lacks any of them (older than 2.8) leaves the hot ops unregistered, and every call
-// takes the Python path; a CPU-only build lacks only the CUDA stream getter, and its hot ops
+// A torch that lacks any of them leaves the hot ops unregistered, and every call takes the Python
+// path; a CPU-only build lacks only the CUDA stream getter, and its hot ops
 // register but serve nothing (there is no GPU launch to serve).
 //
 // Calling convention of a boxed kernel (StableIValue = uint64_t, one per argument and result):

@@ -17,8 +17,8 @@ EPS = 1e-6
 
 
 def test_hot_ops_register_on_this_torch() -> None:
-    """torch >= 2.8 exports every entry point the kernels need (a CPU build lacks only the CUDA
-    stream getter, which serving alone uses)."""
+    """The torch this suite runs with exports every entry point the kernels need (a CPU build
+    lacks only the CUDA stream getter, which serving alone uses)."""
     assert _hot_path.HOT_OPS_ERROR is None
     schema = str(torch.ops.allreduce_rms._qk_norm_hot.default._schema)
     assert "int workspace, bool inplace) -> (Tensor, Tensor, bool)" in schema

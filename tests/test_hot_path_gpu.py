@@ -32,7 +32,7 @@ def serving(request, monkeypatch) -> str:
     """Serve remembered shapes through the torch hot ops, or (with them switched off, as on a
     torch without them) through the Python dict. Starts with nothing remembered."""
     if request.param == "hot ops":
-        assert _hot_path._qk_hot is not None, _hot_path.HOT_OPS_ERROR  # a GPU torch >= 2.8 has them
+        assert _hot_path._qk_hot is not None, _hot_path.HOT_OPS_ERROR  # the GPU machine's torch has them
     else:
         monkeypatch.setattr(_hot_path, "_rms_hot", None)
         monkeypatch.setattr(_hot_path, "_qk_hot", None)

@@ -32,8 +32,8 @@ Two ways serve a remembered shape:
   ``served = False`` having launched nothing, and the full path runs: it raises the errors a bad
   call deserves, with their Python types. The Python layer checks the scalar arguments' types
   first (torch's schema would accept ``True`` for an int or a float). Serves 2-D calls with new
-  outputs or in place, on torch builds with CUDA or ROCm that export the stable C ABI (torch
-  2.8 and later).
+  outputs or in place, on torch builds with CUDA or ROCm that export the stable C ABI functions
+  cpp/torch_abi.h lists (measured with torch 2.11; registration also checked with 2.13).
 * **A Python dict** of keys (per workspace, and one for calls without a workspace) for every
   other case: an ``out`` tensor given to rms_norm, or a torch without the hot ops. Its key also
   holds the Python types of the tensors and scalars, bounded by :data:`MAX_ENTRIES`.
