@@ -1,29 +1,33 @@
 // The torch hot ops (hot_ops.h): one dispatcher call per eager call of a validated call shape.
 //
 //   allreduce_rms::_rms_norm_hot(Tensor(a!) x, Tensor weight, float eps, int workspace, bool inplace)
-//       -> (Tensor out, bool served)
+//       -> (Tensor out, int status)
 //   allreduce_rms::_qk_norm_hot(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, int q_size, int kv_size,
-//       float eps, int workspace, bool inplace) -> (Tensor q, Tensor k, bool served)
+//       float eps, int workspace, bool inplace) -> (Tensor q, Tensor k, int status)
 //
 // (schemas defined by allreduce_rms._hot_path; `workspace` is a Workspace's hot-path id, 0 for
 // none). A call is served when its key, everything the Python layer's validation looked at
 // except the token count, matches a remembered call shape: the same checks on the same values
 // give the same answer, so the call is valid by construction. Otherwise the op returns
-// served = false with its first input as every tensor result, launches nothing, and the Python
+// kNotServed with its first input as every tensor result, launches nothing, and the Python
 // layer takes its full path: validation with its own errors (ValueError, TypeError,
 // WorkspaceError, TimeoutError), then stage() + this op again, which remembers the shape.
 //
-// A kernel here never throws and never raises: every failure (an argument it cannot describe, an
-// allocation or launch the runtime refuses, a peer fault recorded on the workspace) is a miss,
-// and the Python path then reports it with the right exception type. The kernels run without the
-// GIL and touch no Python object.
+// A kernel here never throws: an argument it cannot describe, an allocation the runtime refuses,
+// a backend that rejects the launch before making it (bad pointers, a peer fault recorded on the
+// workspace) are kNotServed, and the Python path reports them with the right exception type. A
+// launch that failed in the runtime (possibly after some chunks ran) is kFailed: it must not be
+// made again, so the Python layer raises RuntimeError with failure() as its message. The kernels
+// run without the GIL and touch no Python object.
 #include "hot_ops.h"
 
 #include <pthread.h>
 
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "torch_abi.h"
 
@@ -59,12 +63,20 @@ struct KeyHash {
   }
 };
 
-// Held from lookup to launch, so that forget_*() (workspace close, destruction) never runs while a
-// kernel launches on the workspace being forgotten.
+// Guards the three sets below. Held for lookups, inserts and each launch (so that a workspace is
+// never destroyed while a launch on it is being made), never while anything could need the GIL:
+// the outputs are allocated outside it (an allocation may call into Python, e.g. for torch's
+// memory-history recording), and the threads that take it while holding the GIL (fork, forget,
+// close) would otherwise deadlock with such a call.
 std::mutex table_mutex;
 std::unordered_map<Key, Launch, KeyHash> table;
+std::unordered_set<const ArmsWorkspace*> live_workspaces;  // opened and not yet destroyed
+std::unordered_set<int64_t> forgotten_ids;  // closed Python workspaces (ids are never reused)
 thread_local Launch staged_launch;
 thread_local bool has_staged = false;
+thread_local std::string last_failure;  // the runtime's message for this thread's last kFailed call
+
+constexpr int64_t kNotServed = 0, kServed = 1, kFailed = 2;  // the ops' status result
 
 // ------------------------------------------------------------------------- stack values
 template <typename T>
@@ -99,36 +111,50 @@ struct OwnedTensors {
 };
 
 // ------------------------------------------------------------------------- keys
-// x as [tokens, width] rows: false unless 2-D (other shapes take the Python path every time).
-bool describe_rows(TensorHandle t, int64_t out[6], int64_t* tokens) {
-  int64_t dim = 0, *sizes = nullptr, *strides = nullptr;
+// The metadata of a tensor with `dim` dimensions, as the key holds it: dtype, device type,
+// device index, then the last dimension's size and every stride; false for another rank.
+bool describe(TensorHandle t, int64_t dim, int64_t* out, int64_t** sizes) {
+  int64_t d = 0, *strides = nullptr;
   int32_t dtype = 0, device_type = 0, device_index = 0;
-  if (torch_fn.get_dim(t, &dim) || dim != 2 || torch_fn.get_sizes(t, &sizes) || torch_fn.get_strides(t, &strides) ||
+  if (torch_fn.get_dim(t, &d) || d != dim || torch_fn.get_sizes(t, sizes) || torch_fn.get_strides(t, &strides) ||
       torch_fn.get_dtype(t, &dtype) || torch_fn.get_device_type(t, &device_type) ||
       torch_fn.get_device_index(t, &device_index))
     return false;
-  const int64_t d[6] = {dtype, device_type, device_index, sizes[1], strides[0], strides[1]};
-  std::memcpy(out, d, sizeof(d));
+  out[0] = dtype;
+  out[1] = device_type;
+  out[2] = device_index;
+  out[3] = (*sizes)[dim - 1];
+  for (int64_t i = 0; i < dim; ++i) out[4 + i] = strides[i];
+  return true;
+}
+
+// x as [tokens, width] rows (other shapes take the Python path every time).
+bool describe_rows(TensorHandle t, int64_t out[6], int64_t* tokens) {
+  int64_t* sizes = nullptr;
+  if (!describe(t, 2, out, &sizes)) return false;
   *tokens = sizes[0];
   return true;
 }
 
-// A weight: false unless 1-D (validation accepts nothing else).
+// A weight: 1-D (validation accepts nothing else).
 bool describe_weight(TensorHandle t, int64_t out[5]) {
-  int64_t dim = 0, *sizes = nullptr, *strides = nullptr;
-  int32_t dtype = 0, device_type = 0, device_index = 0;
-  if (torch_fn.get_dim(t, &dim) || dim != 1 || torch_fn.get_sizes(t, &sizes) || torch_fn.get_strides(t, &strides) ||
-      torch_fn.get_dtype(t, &dtype) || torch_fn.get_device_type(t, &device_type) ||
-      torch_fn.get_device_index(t, &device_index))
-    return false;
-  const int64_t d[5] = {dtype, device_type, device_index, sizes[0], strides[0]};
-  std::memcpy(out, d, sizeof(d));
-  return true;
+  int64_t* sizes = nullptr;
+  return describe(t, 1, out, &sizes);
 }
 
+// The address of t's first element, or nullptr when t has no memory behind it: a fake or meta
+// tensor (whose data pointer is its storage offset in bytes, not null, for a view) or a dtype the
+// kernels do not take.
 char* data_of(TensorHandle t) {
   void* p = nullptr;
-  return torch_fn.get_data_ptr(t, &p) ? nullptr : static_cast<char*>(p);
+  int64_t offset = 0;
+  int32_t dtype = 0;
+  if (torch_fn.get_data_ptr(t, &p) || torch_fn.get_storage_offset(t, &offset) || torch_fn.get_dtype(t, &dtype))
+    return nullptr;
+  const int64_t size = dtype == torch_fn.dtype_float32 ? 4
+                       : dtype == torch_fn.dtype_float16 || dtype == torch_fn.dtype_bfloat16 ? 2 : 0;
+  char* data = static_cast<char*>(p);
+  return size == 0 || data == nullptr || data - offset * size == nullptr ? nullptr : data;
 }
 
 // ------------------------------------------------------------------------- serving
@@ -185,28 +211,35 @@ const Launch* take_staged(Launch* copy) {
   return copy;
 }
 
-// Launch `call` if its call shape is remembered (remembering it first with `staged`, the launch
-// the Python layer prepared after validating exactly this call); fills outs and returns true, or
-// returns false having launched nothing and kept no output.
-bool serve(const Call& call, const Launch* staged, TensorHandle outs[2]) {
-  std::lock_guard<std::mutex> lock(table_mutex);
-  if (staged) {
-    if (table.size() >= kMaxEntries) table.clear();
-    table[call.key] = *staged;
-  }
-  const auto found = table.find(call.key);
-  if (found == table.end() || call.tokens > found->second.max_tokens) return false;
-  const Launch& launch = found->second;
+// A staged launch may be remembered only while its workspace is open: a close() that ran between
+// the Python validation and this call must not leave a launch on a destroyed workspace behind.
+bool still_open(const Launch& launch, int64_t workspace_id) {
+  return !forgotten_ids.count(workspace_id) && (!launch.workspace || live_workspaces.count(launch.workspace));
+}
 
+// Launch `call` if its call shape is remembered (remembering it first with `staged`, the launch
+// the Python layer prepared after validating exactly this call); returns kServed with outs filled,
+// kNotServed having launched nothing and kept no output, or kFailed (see the top of this file).
+int64_t serve(const Call& call, const Launch* staged, TensorHandle outs[2]) {
+  Launch launch;
+  {
+    std::lock_guard<std::mutex> lock(table_mutex);
+    if (staged && still_open(*staged, call.key.workspace_id)) {
+      if (table.size() >= kMaxEntries) table.clear();
+      table[call.key] = *staged;
+    }
+    const auto found = table.find(call.key);
+    if (found == table.end() || call.tokens > found->second.max_tokens) return kNotServed;
+    launch = found->second;
+  }
   void* stream = nullptr;
   char* x = data_of(call.x);
   const char* w0 = data_of(call.weight[0]);
   const char* w1 = launch.args.num_segments == 2 ? data_of(call.weight[1]) : "";
-  // a tensor without data (a fake or meta tensor that matched a remembered key) is not served
   if ((call.tokens > 0 && (!x || !w0 || !w1)) || !torch_fn.get_current_cuda_stream ||
       torch_fn.get_current_cuda_stream(static_cast<int32_t>(call.key.x[2]), &stream))
-    return false;
-  if (!make_outputs(call, outs)) return false;
+    return kNotServed;
+  if (!make_outputs(call, outs)) return kNotServed;
   ArmsNormArgs a = launch.args;
   a.stream = stream;
   a.tokens = call.tokens;
@@ -218,16 +251,23 @@ bool serve(const Call& call, const Launch* staged, TensorHandle outs[2]) {
     a.segment[1].weight = w1;
     a.segment[1].out = call.key.inplace ? x + launch.in1_offset : data_of(outs[1]);
   }
-  const int status = launch.workspace ? launch.api->fused_norm(launch.workspace, &a) : launch.api->norm(&a);
-  if (status != ARMS_OK) {  // nothing was launched: the Python path reports why
-    for (int i = 0; i < call.num_outputs; ++i) torch_fn.delete_tensor_object(outs[i]);
-    return false;
+  int status = ARMS_INVALID_ARGUMENT;  // (a workspace closed since the lookup: not served)
+  {
+    std::lock_guard<std::mutex> lock(table_mutex);
+    if (!launch.workspace || live_workspaces.count(launch.workspace))
+      status = launch.workspace ? launch.api->fused_norm(launch.workspace, &a) : launch.api->norm(&a);
   }
-  return true;
+  if (status == ARMS_OK) return kServed;
+  for (int i = 0; i < call.num_outputs; ++i) torch_fn.delete_tensor_object(outs[i]);
+  if (status == ARMS_RUNTIME_ERROR) {  // the runtime failed, maybe after launching some chunks
+    last_failure = launch.api->last_error();
+    return kFailed;
+  }
+  return kNotServed;  // refused before launching: the Python path reports why
 }
 
-// The results of a call that was not served: x (a new reference per tensor result), served = false.
-void not_served(StableIValue* stack, OwnedTensors& in, int tensor_results) {
+// The results of a call that was not served: x (a new reference per tensor result) and status.
+void not_served(StableIValue* stack, OwnedTensors& in, int tensor_results, int64_t status) {
   TensorHandle x = in.release(0);
   for (int i = 1; i < tensor_results; ++i) {
     TensorHandle again = nullptr;
@@ -235,10 +275,10 @@ void not_served(StableIValue* stack, OwnedTensors& in, int tensor_results) {
     stack[i] = result(again);
   }
   stack[0] = result(x);
-  stack[tensor_results] = result(false);
+  stack[tensor_results] = result(status);
 }
 
-// _rms_norm_hot(x, weight, eps, workspace, inplace) -> (out, served)
+// _rms_norm_hot(x, weight, eps, workspace, inplace) -> (out, status)
 void rms_norm_hot(StableIValue* stack, uint64_t, uint64_t) {
   Launch copy;
   const Launch* staged = take_staged(&copy);
@@ -253,19 +293,21 @@ void rms_norm_hot(StableIValue* stack, uint64_t, uint64_t) {
   call.x = in.h[0];
   call.weight[0] = in.h[1];
   TensorHandle outs[2] = {};
+  int64_t status = kNotServed;
   if (describe_rows(call.x, call.key.x, &call.tokens) && describe_weight(call.weight[0], call.key.weight[0])) {
     call.out_width[0] = call.key.x[3];
     call.num_outputs = call.key.inplace ? 0 : 1;  // in place, the result is x itself
-    if (serve(call, staged, outs)) {
+    status = serve(call, staged, outs);
+    if (status == kServed) {
       stack[0] = result(call.key.inplace ? in.release(0) : outs[0]);
-      stack[1] = result(true);
+      stack[1] = result(kServed);
       return;
     }
   }
-  not_served(stack, in, 1);
+  not_served(stack, in, 1, status);
 }
 
-// _qk_norm_hot(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace) -> (q, k, served)
+// _qk_norm_hot(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace) -> (q, k, status)
 void qk_norm_hot(StableIValue* stack, uint64_t, uint64_t) {
   Launch copy;
   const Launch* staged = take_staged(&copy);
@@ -285,14 +327,17 @@ void qk_norm_hot(StableIValue* stack, uint64_t, uint64_t) {
   call.out_width[0] = call.key.q_size;
   call.out_width[1] = call.key.kv_size;
   TensorHandle outs[2] = {};
+  int64_t status = kNotServed;
   if (describe_rows(call.x, call.key.x, &call.tokens) && describe_weight(call.weight[0], call.key.weight[0]) &&
-      describe_weight(call.weight[1], call.key.weight[1]) && serve(call, staged, outs)) {
+      describe_weight(call.weight[1], call.key.weight[1]))
+    status = serve(call, staged, outs);
+  if (status == kServed) {
     stack[0] = result(outs[0]);
     stack[1] = result(outs[1]);
-    stack[2] = result(true);
+    stack[2] = result(kServed);
     return;
   }
-  not_served(stack, in, 2);
+  not_served(stack, in, 2, status);
 }
 
 // fork(): the child must not launch on the parent's workspaces (the CUDA context and the IPC
@@ -301,6 +346,7 @@ void before_fork() { table_mutex.lock(); }
 void after_fork_in_parent() { table_mutex.unlock(); }
 void after_fork_in_child() {
   table.clear();
+  live_workspaces.clear();
   has_staged = false;
   table_mutex.unlock();
 }
@@ -315,10 +361,11 @@ std::string register_ops(const std::vector<std::string>& torch_libraries) {
   torch_fn = f;
   torch_abi::LibraryHandle lib = nullptr;  // kept for the life of the process: it unregisters when deleted
   // CompositeImplicitAutograd: the kernel runs at the autograd key, for every device (a CPU or
-  // meta tensor is simply a miss). Its results carry no autograd history, as the eager functions'
-  // never did, and no autograd-fallback or view-tracking kernel runs before it: measured on a CPU
-  // torch 2.13, a miss costs about 2.9 us here against 3.0-5.4 us registered at
-  // CompositeExplicitAutograd (an nn.Parameter weight made the difference largest).
+  // meta tensor is simply a miss), with no autograd-fallback or view-tracking kernel before it:
+  // measured on a CPU torch 2.13, a miss costs about 2.9 us here against 3.0-5.4 us registered at
+  // CompositeExplicitAutograd (an nn.Parameter weight made the difference largest). So its
+  // results carry no autograd history: the in-place ones are not autograd views of x (the
+  // Python path's as_strided views are), and q and k share one allocation.
   if (f.library_init_impl("allreduce_rms", "CompositeImplicitAutograd", __FILE__, __LINE__, &lib) != torch_abi::kSuccess)
     return "torch refused a library for the allreduce_rms kernels";
   const struct {
@@ -343,8 +390,16 @@ void stage(const Launch& launch) {
 
 void unstage() { has_staged = false; }
 
+void workspace_opened(const ArmsWorkspace* workspace) {
+  std::lock_guard<std::mutex> lock(table_mutex);
+  live_workspaces.insert(workspace);
+}
+
+std::string failure() { return last_failure; }
+
 void forget_workspace_id(int64_t workspace_id) {
   std::lock_guard<std::mutex> lock(table_mutex);
+  forgotten_ids.insert(workspace_id);
   for (auto it = table.begin(); it != table.end();)
     it = it->first.workspace_id == workspace_id ? table.erase(it) : std::next(it);
 }
@@ -352,6 +407,7 @@ void forget_workspace_id(int64_t workspace_id) {
 void forget_workspace(const ArmsWorkspace* workspace) {
   if (!workspace) return;
   std::lock_guard<std::mutex> lock(table_mutex);
+  live_workspaces.erase(workspace);
   for (auto it = table.begin(); it != table.end();)
     it = it->second.workspace == workspace ? table.erase(it) : std::next(it);
 }

@@ -31,10 +31,18 @@ std::string register_ops(const std::vector<std::string>& torch_libraries);
 void stage(const Launch& launch);
 void unstage();
 
-// Forget every call shape of workspace id `workspace_id` (the Python Workspace was closed), or
-// every one that launches on `workspace` (the native workspace is being destroyed).
+// A native workspace the hot ops may launch on, from its creation until forget_workspace().
+void workspace_opened(const ArmsWorkspace* workspace);
+
+// Forget every call shape of workspace id `workspace_id` for good (the Python Workspace was
+// closed), or every one that launches on `workspace` (the native workspace is being destroyed;
+// no launch on it is being made once this returns).
 void forget_workspace_id(int64_t workspace_id);
 void forget_workspace(const ArmsWorkspace* workspace);
+
+// The runtime's message for this thread's last call that returned status kFailed (2): its
+// launch failed in the GPU runtime, maybe after launching some chunks, and must not be retried.
+std::string failure();
 
 // Call shapes remembered now (for tests).
 int64_t remembered();

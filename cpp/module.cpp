@@ -169,6 +169,7 @@ class NativeWorkspace {
   NativeWorkspace(int device_type, int device, int rank, int nranks, int capacity, int64_t timeout_ns)
       : api_(&backend(device_type)), device_type_(device_type), device_(device) {
     check(*api_, api_->workspace_create(device, rank, nranks, capacity, timeout_ns, &ws_));
+    hot_ops::workspace_opened(ws_);
   }
   ~NativeWorkspace() { close(); }
 
@@ -474,6 +475,8 @@ NB_MODULE(_front, m) {
   m.def("hot_forget", &hot_ops::forget_workspace_id, nb::arg("workspace_id"),
         "Forget every call shape the torch hot ops remember for this workspace id.");
   m.def("hot_remembered", &hot_ops::remembered, "Call shapes the torch hot ops remember now.");
+  m.def("hot_failure", &hot_ops::failure,
+        "The runtime's message for this thread's last hot-op call that returned status 2 (failed).");
   m.def("launch_variant", &launch_variant, nb::arg("workspace").none(), nb::arg("device_type"), nb::arg("device"),
         nb::arg("mode"), nb::arg("dtype"), nb::arg("tokens"), nb::arg("eps"), nb::arg("stats"), nb::arg("stream"),
         nb::arg("rank_group"), nb::arg("segments"),

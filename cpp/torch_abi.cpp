@@ -39,6 +39,7 @@ std::string resolve(const std::vector<std::string>& paths, Functions* out) {
   need(f.get_device_type, "aoti_torch_get_device_type");
   need(f.get_device_index, "aoti_torch_get_device_index");
   need(f.get_data_ptr, "aoti_torch_get_data_ptr");
+  need(f.get_storage_offset, "aoti_torch_get_storage_offset");
   need(f.empty_strided, "aoti_torch_empty_strided");
   need(f.reinterpret_tensor, "aoti_torch__reinterpret_tensor");
   need(f.new_tensor_handle, "aoti_torch_new_tensor_handle");

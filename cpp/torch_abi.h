@@ -43,6 +43,7 @@ struct Functions {
   Error (*get_device_type)(TensorHandle, int32_t*);
   Error (*get_device_index)(TensorHandle, int32_t*);
   Error (*get_data_ptr)(TensorHandle, void**);  // the first element's address (storage offset included)
+  Error (*get_storage_offset)(TensorHandle, int64_t*);  // in elements
   Error (*empty_strided)(int64_t ndim, const int64_t* sizes, const int64_t* strides, int32_t dtype,
                          int32_t device_type, int32_t device_index, TensorHandle* out);
   // a view of self: sizes/strides in elements, storage offset moved by offset_increment elements

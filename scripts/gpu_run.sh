@@ -9,6 +9,8 @@
 #   STAGES="build trace"     per-phase trace of the fused kernel, the machine's floors, plan sweep
 #                            (TRACE_SWEEP=0: no sweep; TRACE_ARGS="--tokens 1 64": other T)
 #   NCU_TOKENS="1 1024 8192" (token counts the profile stage captures with ncu)
+#   PYTEST_K="hot_path or torch_integration"  (a pytest -k expression for the tests stage; PYTEST_ARGS
+#                            is split on spaces, so an expression with spaces goes here)
 #   ARCHS=90a  (CUDA architectures to build; default 90a to keep the build short)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-run-out}
@@ -42,7 +44,8 @@ fi
 cd /tmp  # import the installed package, not the source tree
 if has tests; then
   log "GPU tests"
-  python3 -m pytest -q -rs -m "gpu or multigpu" "$OLDPWD/tests" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
+  python3 -m pytest -q -rs -m "gpu or multigpu" "$OLDPWD/tests" ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} 2>&1 \
+    | tee "$OUT/pytest-gpu.log" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if has bench; then

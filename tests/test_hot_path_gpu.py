@@ -9,6 +9,9 @@ of serving a remembered shape: the torch hot ops (C++, cpp/hot_ops.cpp) and the 
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -226,11 +229,58 @@ def test_a_staged_launch_is_taken_by_the_next_call_only() -> None:
     entry = next(iter(_hot_path._no_workspace_calls.values()))
     assert _native_front().hot_remembered() == 1
     entry.launch.stage(1 << 20)
-    *_, served = torch.ops.allreduce_rms._qk_norm_hot(qkv.view(2, 2, -1), qw, kw, 64, 16, EPS, 0, False)
-    assert served is False
+    *_, status = torch.ops.allreduce_rms._qk_norm_hot(qkv.view(2, 2, -1), qw, kw, 64, 16, EPS, 0, False)
+    assert status == _hot_path.NOT_SERVED
     other = torch.randn(4, 32 + 2 * 16, device="cuda")  # never validated
-    *_, served = torch.ops.allreduce_rms._qk_norm_hot(other, qw[:32], kw, 32, 16, EPS, 0, False)
-    assert served is False and _native_front().hot_remembered() == 1
+    *_, status = torch.ops.allreduce_rms._qk_norm_hot(other, qw[:32], kw, 32, 16, EPS, 0, False)
+    assert status == _hot_path.NOT_SERVED and _native_front().hot_remembered() == 1
+
+
+@gpu
+@needs_gpu
+def test_hot_ops_edge_cases() -> None:
+    """Served calls release every tensor they are handed; a fake tensor matching a remembered
+    shape is not served (its data pointer is its storage offset, not memory); True for a size of
+    1 is still refused after a size-1 shape was remembered; a fork child starts with nothing
+    remembered; closing a one-rank workspace forgets its shapes for good."""
+    assert _hot_path._qk_hot is not None, _hot_path.HOT_OPS_ERROR
+    _native_front().hot_forget(0)
+    buf = torch.randn(6, 1 + 2 * 64 + 8, device="cuda")
+    qkv = buf[:, 2:2 + 1 + 2 * 64]  # an offset view: a fake copy has a non-null data pointer
+    qw, kw = torch.randn(1, device="cuda"), torch.randn(64, device="cuda")
+    allreduce_rms.qk_norm(qkv, qw, kw, 1, 64, EPS)  # remembered, q_size 1
+    counts = [sys.getrefcount(t) for t in (qkv, qw, kw)]
+    for _ in range(200):
+        allreduce_rms.qk_norm(qkv, qw, kw, 1, 64, EPS)
+        allreduce_rms.qk_norm(qkv, qw, kw, 1, 64, EPS, inplace=True)
+    torch.cuda.synchronize()
+    assert [sys.getrefcount(t) for t in (qkv, qw, kw)] == counts
+    with pytest.raises(TypeError, match="q_size"):
+        allreduce_rms.qk_norm(qkv, qw, kw, True, 64, EPS)  # type: ignore[arg-type]
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = mode.from_tensor(buf)[:, 2:2 + 1 + 2 * 64]
+        *_, status = torch.ops.allreduce_rms._qk_norm_hot(fake, mode.from_tensor(qw), mode.from_tensor(kw), 1, 64,
+                                                          EPS, 0, False)
+    assert status == _hot_path.NOT_SERVED
+    torch.cuda.synchronize()  # the context is alive: nothing was launched on a fake address
+
+    pid = os.fork()
+    if pid == 0:  # the child touches no CUDA state: it only reads the table's size
+        os._exit(0 if _native_front().hot_remembered() == 0 else 1)
+    _, code = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(code) == 0, "a fork child inherited the parent's call shapes"
+
+    ws = allreduce_rms.Workspace(max_tokens=8, device="cuda")
+    x, w = torch.randn(4, 256, device="cuda"), torch.randn(256, device="cuda")
+    before = _native_front().hot_remembered()
+    allreduce_rms.rms_norm(x, w, EPS, ws)
+    assert _native_front().hot_remembered() == before + 1
+    ws.close()
+    assert _native_front().hot_remembered() == before
+    with pytest.raises(allreduce_rms.WorkspaceError, match="after close"):
+        allreduce_rms.rms_norm(x, w, EPS, ws)
 
 
 # ------------------------------------------------------------------------- fused, 2 GPUs

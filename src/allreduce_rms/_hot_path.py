@@ -16,9 +16,11 @@ of everything that validation looked at except the token count:
 
 A later call whose key matches is valid by construction: the same checks on the same values
 give the same answer. What the key leaves out is checked on every call: the token count
-(against ``max_tokens`` when the workspace does not chunk), that the workspace is still open and
-in this process, and that debug mode is off (debug calls take the full path, which runs the
-cross-rank check). Pointers and their alignment are not part of the key either: the backend
+(against ``max_tokens`` when the workspace does not chunk, and an ``out`` tensor's rows), that
+debug mode is off (debug calls take the full path, which runs the cross-rank check), and that
+the workspace is still open and in this process (the Python dict reads ``Workspace._closed``
+and its pid; the hot ops forget a workspace's shapes when it closes, for good, and every shape
+in a fork child). Pointers and their alignment are not part of the key either: the backend
 checks them on every launch and picks the vector width from them.
 
 Two ways serve a remembered shape:
@@ -29,8 +31,11 @@ Two ways serve a remembered shape:
   launches, without a Python operation per tensor. The key lives in C++, computed from the
   tensors by the same code when a shape is remembered (the full path stages its prepared launch,
   then calls the op) and when it is looked up. A call the op does not serve returns
-  ``served = False`` having launched nothing, and the full path runs: it raises the errors a bad
-  call deserves, with their Python types. The Python layer checks the scalar arguments' types
+  ``NOT_SERVED`` having launched nothing, and the full path runs: it raises the errors a bad
+  call deserves, with their Python types; a launch that failed in the GPU runtime returns
+  ``FAILED`` and raises RuntimeError without being made again. The results carry no autograd
+  history: in place, q and k are tensors over qkv's memory, not autograd views of it; out of
+  place, q and k share one allocation. The Python layer checks the scalar arguments' types
   first (torch's schema would accept ``True`` for an int or a float). Serves 2-D calls with new
   outputs or in place, on torch builds with CUDA or ROCm that export the stable C ABI functions
   cpp/torch_abi.h lists (measured with torch 2.11; registration also checked with 2.13).
@@ -56,15 +61,23 @@ MAX_ENTRIES = 64  # call shapes remembered per workspace; a full dict is cleared
 _no_workspace_calls: Dict[tuple, "_Prepared"] = {}
 
 # ------------------------------------------------------------------------- the torch hot ops
-# Never traced: the public functions call them only outside torch.compile, and no fake kernel is
-# registered. ``workspace`` is Workspace._hot_id (0: none); ``served`` False means nothing was
+# For eager calls: the public functions call them only outside torch.compile, and no fake kernel
+# is registered (a tracer that runs them sees a call it does not serve: fake and meta tensors are
+# never served). ``workspace`` is Workspace._hot_id (0: none); with status NOT_SERVED nothing was
 # launched and the tensor results are the first input.
 _library = torch.library.Library("allreduce_rms", "FRAGMENT")
 _library.define("_rms_norm_hot(Tensor(a!) x, Tensor weight, float eps, int workspace, bool inplace) "
-                "-> (Tensor, bool)")
+                "-> (Tensor, int)")
 _library.define("_qk_norm_hot(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, int q_size, int kv_size, "
-                "float eps, int workspace, bool inplace) -> (Tensor, Tensor, bool)")
+                "float eps, int workspace, bool inplace) -> (Tensor, Tensor, int)")
+NOT_SERVED, SERVED, FAILED = 0, 1, 2  # the ops' status result (cpp/hot_ops.cpp)
 _TORCH_LIBRARIES = ("libtorch_cpu.so", "libtorch_cuda.so", "libtorch_hip.so")  # resolved only if loaded
+
+
+def raise_failure() -> None:
+    """Raise for a hot-op call that returned FAILED: its launch failed in the GPU runtime, maybe
+    after some chunks ran, so the call must not be made again by the full path."""
+    raise RuntimeError(f"allreduce_rms: {_native._front.hot_failure()}")
 
 
 def _register_hot_ops() -> Optional[str]:
@@ -72,7 +85,9 @@ def _register_hot_ops() -> Optional[str]:
     if _native._front is None:
         return _native._FRONT_ERROR
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    return _native._front.register_hot_ops([os.path.join(lib_dir, name) for name in _TORCH_LIBRARIES]) or None
+    # torch's own lib folder (pip wheels), else the names alone (the loader's own copies, e.g. conda's)
+    paths = [os.path.join(lib_dir, name) for name in _TORCH_LIBRARIES] + list(_TORCH_LIBRARIES)
+    return _native._front.register_hot_ops(paths) or None
 
 
 HOT_OPS_ERROR: Optional[str] = _register_hot_ops()  # why the torch hot ops are not registered, or None
@@ -182,10 +197,12 @@ def first_rms_norm(entry: _Prepared, x: torch.Tensor, weight: torch.Tensor, eps:
     """The launch of an rms_norm call the full path has just validated: through the hot op, which
     remembers the shape for the calls after it, where it serves this output mode; else directly."""
     if _rms_hot is not None and (out_given is None or out_given is x):
-        *results, served = _staged_call(entry, _rms_hot, x, weight, eps, 0 if ws is None else ws._hot_id,
+        *results, status = _staged_call(entry, _rms_hot, x, weight, eps, 0 if ws is None else ws._hot_id,
                                         out_given is not None)
-        if served:
+        if status == SERVED:
             return results[0]
+        if status == FAILED:
+            raise_failure()
     return launch_rms_norm(entry, x, weight, out)
 
 
@@ -193,21 +210,23 @@ def first_qk_norm(entry: _Prepared, qkv: torch.Tensor, q_weight: torch.Tensor, k
                   kv_size: int, eps: float, ws: Any, inplace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """qk_norm's counterpart of :func:`first_rms_norm`."""
     if _qk_hot is not None:
-        q, k, served = _staged_call(entry, _qk_hot, qkv, q_weight, k_weight, q_size, kv_size, eps,
+        q, k, status = _staged_call(entry, _qk_hot, qkv, q_weight, k_weight, q_size, kv_size, eps,
                                     0 if ws is None else ws._hot_id, inplace)
-        if served:
+        if status == SERVED:
             return q, k
+        if status == FAILED:
+            raise_failure()
     return launch_qk_norm(entry, qkv, q_weight, k_weight, inplace)
 
 
 def _staged_call(entry: _Prepared, op: Any, *args: Any) -> tuple:
     """op(*args) with entry's launch staged, so that the op remembers the call's shape with it;
-    (..., False) when the op refuses the call (a tensor subclass's __torch_function__, say)."""
+    (..., NOT_SERVED) when the op refuses the call (a tensor subclass's __torch_function__, say)."""
     entry.launch.stage(entry.max_tokens if entry.max_tokens != math.inf else _NO_TOKEN_LIMIT)
     try:
         return op(*args)
     except Exception:
-        return (None, None, False)
+        return (None, None, NOT_SERVED)
     finally:
         _native._front.hot_unstage()  # a call refused before the kernel ran must leave nothing staged
 

@@ -108,9 +108,11 @@ def _hot_ready(ws: Optional[Workspace]) -> bool:
 def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, workspace: str) -> torch.Tensor:
     ws = lookup(workspace) if workspace else None
     if _hot_ready(ws):
-        y, served = _hot_path._rms_hot(x, weight, eps, 0 if ws is None else ws._hot_id, False)
-        if served:
+        y, status = _hot_path._rms_hot(x, weight, eps, 0 if ws is None else ws._hot_id, False)
+        if status == _hot_path.SERVED:
             return y
+        if status == _hot_path.FAILED:
+            _hot_path.raise_failure()
     return ops.rms_norm(x, weight, eps, ws)
 
 
@@ -118,21 +120,25 @@ def _qk_norm_impl(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
                   eps: float, workspace: str) -> Tuple[torch.Tensor, torch.Tensor]:
     ws = lookup(workspace) if workspace else None
     if _hot_ready(ws):
-        q, k, served = _hot_path._qk_hot(qkv, q_weight, k_weight, q_size, kv_size, eps,
+        q, k, status = _hot_path._qk_hot(qkv, q_weight, k_weight, q_size, kv_size, eps,
                                          0 if ws is None else ws._hot_id, False)
-        if served:
+        if status == _hot_path.SERVED:
             return q, k
+        if status == _hot_path.FAILED:
+            _hot_path.raise_failure()
     return ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, ws)
 
 
 def _qk_norm_inplace_impl(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int,
                           kv_size: int, eps: float, workspace: str) -> None:
     ws = lookup(workspace) if workspace else None
-    served = False
+    status = _hot_path.NOT_SERVED
     if _hot_ready(ws):
-        *_, served = _hot_path._qk_hot(qkv, q_weight, k_weight, q_size, kv_size, eps,
+        *_, status = _hot_path._qk_hot(qkv, q_weight, k_weight, q_size, kv_size, eps,
                                        0 if ws is None else ws._hot_id, True)
-    if not served:
+        if status == _hot_path.FAILED:
+            _hot_path.raise_failure()
+    if status != _hot_path.SERVED:
         ops.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, ws, inplace=True)
     torch.autograd.graph.increment_version(qkv)  # what custom_op's ADInplaceOrView kernel did
 

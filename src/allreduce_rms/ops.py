@@ -145,12 +145,14 @@ def rms_norm(
     if _hot_path._rms_hot is not None and (out is None or out is x):
         if ((type(eps) is float or type(eps) is int) and (workspace is None or not _debug())):
             try:  # (the schema takes True for a float: only Python numbers are passed)
-                y, served = _hot_path._rms_hot(x, weight, eps, 0 if workspace is None else workspace._hot_id,
+                y, status = _hot_path._rms_hot(x, weight, eps, 0 if workspace is None else workspace._hot_id,
                                                out is not None)
-                if served:
-                    return y
             except Exception:  # what the op's schema refuses (not tensors, not a Workspace): the full path says why
-                pass
+                status = _hot_path.NOT_SERVED
+            if status == _hot_path.SERVED:
+                return y
+            if status == _hot_path.FAILED:
+                _hot_path.raise_failure()
     else:
         y = _hot_path.rms_norm(x, weight, eps, workspace, out, _debug)
         if y is not None:
@@ -237,12 +239,14 @@ def qk_norm(
         if ((type(eps) is float or type(eps) is int) and type(q_size) is int and type(kv_size) is int
                 and type(inplace) is bool and (workspace is None or not _debug())):
             try:  # (the schema takes True for an int or a float: only Python numbers are passed)
-                q, k, served = _hot_path._qk_hot(qkv, q_weight, k_weight, q_size, kv_size, eps,
+                q, k, status = _hot_path._qk_hot(qkv, q_weight, k_weight, q_size, kv_size, eps,
                                                  0 if workspace is None else workspace._hot_id, inplace)
-                if served:
-                    return q, k
             except Exception:  # what the op's schema refuses: the full path says why
-                pass
+                status = _hot_path.NOT_SERVED
+            if status == _hot_path.SERVED:
+                return q, k
+            if status == _hot_path.FAILED:
+                _hot_path.raise_failure()
     elif plain:
         served = _hot_path.qk_norm(qkv, q_weight, k_weight, q_size, kv_size, eps, workspace, inplace, _debug)
         if served is not None:
