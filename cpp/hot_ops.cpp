@@ -399,7 +399,7 @@ std::string failure() { return last_failure; }
 
 void forget_workspace_id(int64_t workspace_id) {
   std::lock_guard<std::mutex> lock(table_mutex);
-  forgotten_ids.insert(workspace_id);
+  if (workspace_id != 0) forgotten_ids.insert(workspace_id);  // 0, calls without a workspace, only forgets
   for (auto it = table.begin(); it != table.end();)
     it = it->first.workspace_id == workspace_id ? table.erase(it) : std::next(it);
 }
