@@ -26,13 +26,14 @@ formula: call them on tensors that do not require grad (inference, ``torch.no_gr
 
 Eager versus traced dispatch
 ----------------------------
-Dispatching through ``torch.library`` costs several microseconds per call, more than the fused
-kernel itself for decode-sized inputs, so eager calls must not go through it. The public
-``allreduce_rms.rms_norm`` / ``qk_norm`` are :func:`rms_norm` / :func:`qk_norm` below: one test
-of ``torch.compiler.is_compiling()`` (a flag read, ~0.1 us), then
+Dispatching to a Python implementation through ``torch.library`` costs several microseconds per
+call on top of the implementation itself, so eager calls must not go through these ops. The
+public ``allreduce_rms.rms_norm`` / ``qk_norm`` are :func:`rms_norm` / :func:`qk_norm` below: one
+test of ``torch.compiler.is_compiling()`` (a flag read, ~0.1 us), then
 
 * eager: the plain Python functions of :mod:`allreduce_rms.ops` (``qk_norm_separate``: of
-  :mod:`allreduce_rms.variants`), unchanged;
+  :mod:`allreduce_rms.variants`), unchanged; they serve a call shape validated before through
+  one dispatcher call to a C++ hot op (:mod:`allreduce_rms._hot_path`), not through these ops;
 * traced: :func:`traced_rms_norm` / :func:`traced_qk_norm`, which call the custom ops. Dynamo
   folds ``is_compiling()`` to True while tracing, so the graph holds one
   ``torch.ops.allreduce_rms.*`` node per call; non-strict ``torch.export`` sets the same flag.

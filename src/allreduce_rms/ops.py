@@ -221,8 +221,9 @@ def qk_norm(
 
     Returns:
         (q, k): new [..., q_size] and [..., kv_size] tensors, or, when inplace, tensors over qkv's
-        q and k columns (on GPUs a 2-D qkv's are made in C++, share its memory and are not
-        autograd views of it).
+        q and k columns. On GPUs, for a 2-D qkv, both are made in C++ and carry no autograd
+        history: in place they share qkv's memory but are not autograd views of it, and out of
+        place q and k share one allocation.
 
     Raises:
         TypeError: as :func:`rms_norm`, and q_size or kv_size not an int (a bool, float or str),
