@@ -39,14 +39,21 @@ constexpr uint32_t kFlagBit = 0x80000000u;      // ... and flags set the top bit
 constexpr uint32_t kRefreshMask = (1u << 28) - 1u;  // launches with (e & mask) < 2 zero stale packets
 constexpr int kTracePoints = 8;                 // uint64 timestamps per traced launch
 
+// Epochs live in one cell per block index, not in one word that every block reads: a launch of B
+// blocks then makes no request queue at a single address (see read_epoch). Grids are clamped to
+// kEpochCells blocks (norm_launch.cu).
+constexpr int kEpochCells = 2048;
+constexpr uint32_t kCellFailedBit = 0x80000000u;  // a cell is {epoch: 31 bits, failed: top bit}
+
 // Device-resident state of one rank's workspace, advanced by the kernel itself so that a CUDA
 // graph replays with no host work.
 struct ControlBlock {
-  uint32_t epoch;        // launches completed on this workspace, modulo 2^31; slot = epoch % 2
   uint32_t failed;       // sticky: a spin timed out; every later launch outputs NaN and exits
-  uint32_t arrived;      // warps (read_epoch) or blocks (read_epoch_per_block) of the running launch
-                         // that have read `epoch`
   uint32_t floor_epoch;  // the floor probe's own epoch (floor_exchange_kernel)
+  // epoch_cells[i]: launches completed on this workspace, modulo 2^31 (slot = epoch % 2), and
+  // whether `failed` was set when cell i was last written. Every launch writes every cell once
+  // (finish_launch), so all cells hold the same epoch between launches.
+  uint32_t epoch_cells[kEpochCells];
 };
 
 struct LamportParams {
@@ -87,58 +94,36 @@ struct Epoch {
   uint32_t flag;
   uint32_t slot;
   bool failed;
-  bool counted_blocks;  // the launch counted one reader per block (read_epoch_per_block), not per warp
 };
 
-// Read the epoch (after pdl_wait: the previous launch wrote it) and count this warp as having
-// read it. The count lets finish_launch move the epoch on only after every warp of the launch
-// has read the old value; the read is an acquire, so the count cannot overtake it. One lane per
-// warp reads and counts; the others get the values by shuffle, so no load of theirs can be late.
-// A one-block launch counts nothing: finish_launch's thread 0 writes the new epoch after the
-// block's first __syncthreads (in block_partials), which every warp passes only after its read.
-__device__ inline Epoch read_epoch(const LamportParams& lp, int lane) {
-  uint64_t words = 0;  // {epoch, failed}
-  if (lane == 0) {
-    if (gridDim.x > 1) {
-      words = platform::load_acquire_gpu_u64(&lp.ctrl->epoch);
-      platform::red_add_relaxed_gpu(&lp.ctrl->arrived, 1u);
-    } else {  // decode: no other block to wait for, so no count and no acquire (an L1 flush)
-      words = platform::load_relaxed_gpu_u64(&lp.ctrl->epoch);
-    }
-  }
+__device__ __forceinline__ Epoch epoch_from_cell(uint32_t cell) {
   Epoch e;
-  e.epoch = __float_as_uint(platform::warp_shfl(__uint_as_float(static_cast<uint32_t>(words)), 0));
-  e.failed = __float_as_uint(platform::warp_shfl(__uint_as_float(static_cast<uint32_t>(words >> 32)), 0)) != 0u;
+  e.epoch = cell & kEpochMask;
+  e.failed = (cell & kCellFailedBit) != 0u;
   e.flag = flag_of(e.epoch);
   e.slot = e.epoch % kSlots;
-  e.counted_blocks = false;
   return e;
 }
 
-// read_epoch with one reader per block, for launches of several blocks: thread 0 reads and counts
-// the block, the other threads take the words from shared memory after a barrier and never read
-// the control block themselves. So a launch of B blocks of W warps queues 2 * B requests (not
-// 2 * B * W) at the one address the epoch lives at, and every block's count still follows its
-// only read (the acquire orders it). Every thread of the block must call it (it has a barrier).
-// Measured on 2x H200 (history/trace-H200-tp2-epoch-readers-sweep.json): T = 1024 (1024 blocks
-// of 2 warps) 6.41 us against 7.29 per warp, T = 512 (512 blocks of 4 warps) 4.88 against 6.35,
-// equal at T = 8 and 64. Spreading the blocks over 32 copies of the epoch, each with its own count
-// (history/trace-H200-tp2-epoch-copies-sweep.json), gained less (6.85 against 7.29 at T = 1024):
-// writing and polling the copies at the end of the launch cost more than the queue it saved.
-__device__ inline Epoch read_epoch_per_block(const LamportParams& lp, uint64_t* shared_words) {
-  if (threadIdx.x == 0) {
-    *shared_words = platform::load_acquire_gpu_u64(&lp.ctrl->epoch);
-    platform::red_add_relaxed_gpu(&lp.ctrl->arrived, 1u);
-  }
+// Read this launch's epoch (after pdl_wait: the previous launch wrote it) from this block's own
+// cell. Why a cell per block: with one shared word, every block's read (and the count that told
+// the last block when all had read it) queued at one address; at T = 1024 (1024 blocks) that
+// queue cost about 0.9 us per launch (history/trace-H200-tp2-epoch-readers-sweep.json: 1024
+// readers against 2048, 6.41 against 7.29 us). Block b's cell is written only by this launch's
+// finish_launch, after the block's last barrier, so every warp of the block has read it by then.
+// One lane per warp reads; the others get the value by shuffle, so no load of theirs can be late.
+__device__ inline Epoch read_epoch(const LamportParams& lp, int lane) {
+  uint32_t cell = 0;
+  if (lane == 0) cell = platform::load_l2(&lp.ctrl->epoch_cells[blockIdx.x]);
+  return epoch_from_cell(__float_as_uint(platform::warp_shfl(__uint_as_float(cell), 0)));
+}
+
+// read_epoch with one reader per block: thread 0 reads the cell, the other threads take it from
+// shared memory after a barrier. Every thread of the block must call it (it has a barrier).
+__device__ inline Epoch read_epoch_per_block(const LamportParams& lp, uint32_t* shared_cell) {
+  if (threadIdx.x == 0) *shared_cell = platform::load_l2(&lp.ctrl->epoch_cells[blockIdx.x]);
   __syncthreads();
-  const uint64_t words = *shared_words;
-  Epoch e;
-  e.epoch = static_cast<uint32_t>(words);
-  e.failed = static_cast<uint32_t>(words >> 32) != 0u;
-  e.flag = flag_of(e.epoch);
-  e.slot = e.epoch % kSlots;
-  e.counted_blocks = true;
-  return e;
+  return epoch_from_cell(*shared_cell);
 }
 
 __device__ __forceinline__ int64_t packet_index(const LamportParams& lp, uint32_t slot, int source, int token) {
@@ -227,26 +212,23 @@ __device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoc
   }
 }
 
-// Block 0's first thread moves the epoch on once every warp (or block, e.counted_blocks) of the
-// launch has read it (their counts in `arrived`; a one-block launch has no other reader to wait
-// for). No fence and no returning atomic on the way: the next launch reads the new epoch only after
-// this grid has completed (pdl_wait / stream order), which makes every write of this grid visible
-// to it. The wait is bounded like every other spin; in practice the count is complete long before
-// block 0 gets here, since all blocks of a launch are co-resident and count themselves first.
-__device__ inline void finish_launch(const LamportParams& lp, const Epoch& e, int tokens) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  if (gridDim.x > 1) {
-    const uint32_t readers = e.counted_blocks ? gridDim.x : gridDim.x * (blockDim.x / platform::kWarpSize);
-    const uint64_t start = platform::timer_ns();
-    while (platform::load_acquire_gpu(&lp.ctrl->arrived) < readers) {
-      if (platform::timer_ns() - start > static_cast<uint64_t>(lp.timeout_ns)) {
-        record_fault(lp, -1, e.epoch, tokens);  // peer -1: this rank's own blocks never all ran
-        return;
-      }
-    }
-    lp.ctrl->arrived = 0u;
-  }
-  lp.ctrl->epoch = (e.epoch + 1u) & kEpochMask;
+// Move the epoch on: block b writes cells b, b + B, b + 2B, ... (B blocks in the grid), so every
+// cell is written exactly once per launch and the next launch, whatever its grid, finds the new
+// epoch in the cell of each of its blocks. No fence, no atomic and no wait for the other blocks:
+// the next launch reads its cells only after this grid has completed (pdl_wait / stream order),
+// which makes every write of this grid visible to it, and no block of this launch reads a cell
+// another block writes. The failed bit is carried into the cells (this block's own timeouts are
+// ordered before the read of `failed` by the barrier), so a later launch learns of a timeout from
+// its own cell; a block whose cell was written before another block timed out still stops within
+// 32 polls of its first wait, which reads `failed` itself. Every thread of the block must call it.
+__device__ inline void finish_launch(const LamportParams& lp, const Epoch& e) {
+  __syncthreads();  // every warp has read this block's cell; every fault of the block is recorded
+  const uint32_t stride = gridDim.x;
+  uint32_t first = blockIdx.x + threadIdx.x * stride;
+  if (first >= static_cast<uint32_t>(kEpochCells)) return;
+  const bool failed = e.failed || platform::load_l2(&lp.ctrl->failed) != 0u;
+  const uint32_t cell = ((e.epoch + 1u) & kEpochMask) | (failed ? kCellFailedBit : 0u);
+  for (uint32_t i = first; i < static_cast<uint32_t>(kEpochCells); i += blockDim.x * stride) lp.ctrl->epoch_cells[i] = cell;
 }
 
 }  // namespace arms

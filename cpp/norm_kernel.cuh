@@ -62,6 +62,8 @@ struct KernelParams {
                           // beyond the one it loads (16-byte vector plans, sm_90)
   int32_t early_weights;  // 1: a block with one row fetches its weights with the row, before the exchange
   int32_t epoch_per_block;  // 1: one thread per block reads the epoch (read_epoch_per_block), else one per warp
+  int32_t prewait_prefetch;  // 1: before the PDL wait, a block asks L2 for its first two rows (16-byte
+                             // vector plans, sm_90); see norm_kernel
   LamportParams lamport;
 };
 
@@ -208,13 +210,23 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   constexpr bool kCacheWeights = kNormalizes && VPT <= 2;
   constexpr bool kLamport = MODE == ARMS_MODE_LAMPORT;
   __shared__ float2 warp_sums[2][kMaxGroupWarps];  // [token parity][warp]
-  __shared__ uint64_t epoch_words;                 // read_epoch_per_block's {epoch, failed}
+  __shared__ uint32_t epoch_cell;                  // read_epoch_per_block's copy of the block's cell
 
   // Before the PDL wait only what the previous kernel cannot have written: indices and clocks.
   const bool tracing = kLamport && p.lamport.trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
   const uint64_t entered = tracing ? platform::timer_ns() : 0;
   const ThreadColumns<VEC, VPT> c = thread_columns<VEC, VPT>(p);
   const int lane = threadIdx.x % platform::kWarpSize;
+
+  // While the previous kernel still runs (its last blocks, at large T), ask L2 for this block's
+  // first two rows. Safe although that kernel may still be writing them: L2 is the GPU's point of
+  // coherence (every SM's and every peer's write to this memory lands there), so a prefetch can
+  // only put into L2 what a load would find there anyway; nothing is read into registers or L1.
+  if (p.prewait_prefetch && threadIdx.x == 0) {
+    const int first = static_cast<int>(blockIdx.x), second = first + static_cast<int>(gridDim.x);
+    if (first < p.tokens) prefetch_row<D, VEC>(p, first);
+    if (second < p.tokens) prefetch_row<D, VEC>(p, second);
+  }
 
   // Nothing of the previous kernel in the stream (inputs, workspace state) is read before this.
   platform::pdl_wait();
@@ -269,9 +281,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   uint64_t* trace = nullptr;  // this launch's row of timestamps, in block 0's first thread
   if constexpr (kLamport) {
     // one reader per block when there are several blocks; a single block reads per warp (no
-    // count, no barrier: T = 1 measured 0.1 us faster so)
+    // barrier: T = 1 measured 0.1 us faster so)
     if (p.epoch_per_block && gridDim.x > 1)
-      e = read_epoch_per_block(p.lamport, &epoch_words);
+      e = read_epoch_per_block(p.lamport, &epoch_cell);
     else
       e = read_epoch(p.lamport, lane);
     if (tracing) {
@@ -373,7 +385,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   if constexpr (kLamport) {
     if (trace) trace[kTraceStored] = platform::timer_ns();
     refresh_stale_packets(p.lamport, e, p.tokens, p.num_segments);
-    finish_launch(p.lamport, e, p.tokens);
+    finish_launch(p.lamport, e);
   }
 }
 

@@ -74,6 +74,7 @@ struct DeviceLimits {
   int sms = 0;
   int l2_bytes = 0;
   bool pdl = false;
+  bool prewait_prefetch = true;  // KernelParams::prewait_prefetch (ALLREDUCE_RMS_PREWAIT_PREFETCH=0: off)
 };
 
 DeviceLimits device_limits(int device) {
@@ -90,6 +91,7 @@ DeviceLimits device_limits(int device) {
   }
   limits.pdl = platform::device_supports_pdl(device);
   if (const char* env = getenv("ALLREDUCE_RMS_PDL")) limits.pdl = limits.pdl && env[0] != '0';
+  if (const char* env = getenv("ALLREDUCE_RMS_PREWAIT_PREFETCH")) limits.prewait_prefetch = env[0] != '0';
   cache[device] = limits;
   return limits;
 }
@@ -195,6 +197,7 @@ struct Plan {
   int prefetch_rows = 0;  // KernelParams::prefetch_rows, for launches whose blocks walk several rows
   bool early_weights = true;  // KernelParams::early_weights
   bool epoch_per_block = true;  // KernelParams::epoch_per_block
+  bool prewait_prefetch = false;  // KernelParams::prewait_prefetch
 };
 
 }  // namespace
@@ -251,7 +254,7 @@ static int make_wide_row_plan(const ArmsNormArgs* a, int mode, int64_t row_elems
            : a->dtype == ARMS_F16 ? wide_row_kernel_for<F16>(mode)
                                   : wide_row_kernel_for<BF16>(mode);
   const int sms = limits.sms > 0 ? limits.sms : 1;
-  plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * sms;
+  plan->coresident = std::min(blocks_per_sm(plan->fn, plan->block, a->device) * sms, kEpochCells);
   const int64_t row_bytes = row_elems * element_bytes(a->dtype);
   if (limits.l2_bytes > 0) {
     const int64_t fit_l2 = std::max<int64_t>(sms, limits.l2_bytes / 2 / std::max<int64_t>(1, row_bytes));
@@ -336,8 +339,11 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   plan->fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, shape.vpt, mode)
            : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, shape.vpt, mode)
                                   : kernel_for<BF16>(wide, shape.vpt, mode);
-  plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1);
+  // the grid is also kept within the epoch cells (lamport.cuh): one per block
+  plan->coresident = std::min(blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1),
+                              kEpochCells);
   plan->pdl = limits.pdl;
+  plan->prewait_prefetch = limits.prewait_prefetch && limits.pdl;
   plan->prefetch_rows = override_prefetch_rows >= 0 ? override_prefetch_rows : kPrefetchRows;
   plan->early_weights = override_early_weights != 0;
   plan->epoch_per_block = override_epoch_per_block != 0;
@@ -430,6 +436,8 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   p.prefetch_rows = plan.prefetch_rows;
   p.early_weights = plan.early_weights ? 1 : 0;
   p.epoch_per_block = plan.epoch_per_block ? 1 : 0;
+  // (a 16-byte vector plan only: prefetch_row's bulk prefetch needs whole 16-byte words)
+  p.prewait_prefetch = plan.prewait_prefetch && !plan.wide_row && plan.vec * element_bytes(a->dtype) == 16 ? 1 : 0;
   if (lamport) {
     p.lamport = *lamport;
     if (a->rank_group > 0) {

@@ -67,30 +67,6 @@ __device__ __forceinline__ void load_relaxed_sys_u64x2(const uint64_t* p, uint64
   asm volatile("ld.relaxed.sys.global.v2.u64 {%0, %1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
 }
 
-// The epoch advance (lamport.cuh): an acquire load of the control words, which orders this
-// thread's later accesses (its count below included) after it without a fence, a
-// fire-and-forget device-scope add, and the acquire load that reads the count.
-__device__ __forceinline__ uint64_t load_acquire_gpu_u64(const void* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
-  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-// A relaxed device-scope 64-bit read (never a stale L1 line), for a launch that has no other
-// warp to order with.
-__device__ __forceinline__ uint64_t load_relaxed_gpu_u64(const void* p) {
-  uint64_t v;
-  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 __device__ __forceinline__ uint64_t timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(kWideRowThreads, 2) wide_row_kernel(const Kern
   Epoch e = {};
   uint64_t* trace = nullptr;
   if constexpr (kLamport) {
-    e = read_epoch(p.lamport, lane);  // every warp reads and counts itself (finish_launch waits for all)
+    e = read_epoch(p.lamport, lane);  // every warp reads its block's cell
     if (tracing) {
       trace = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
       trace[kTraceEntry] = entered;
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kWideRowThreads, 2) wide_row_kernel(const Kern
   if constexpr (kLamport) {
     if (trace) trace[kTraceStored] = platform::timer_ns();
     refresh_stale_packets(p.lamport, e, p.tokens, p.num_segments);
-    finish_launch(p.lamport, e, p.tokens);
+    finish_launch(p.lamport, e);
   }
 }
 

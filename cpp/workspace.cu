@@ -148,7 +148,7 @@ int workspace_info(ArmsWorkspace* ws, ArmsWorkspaceInfo* out) {
   ControlBlock ctrl;
   ARMS_RT(cudaDeviceSynchronize(), "synchronizing the workspace device");
   ARMS_RT(cudaMemcpy(&ctrl, ws->ctrl, sizeof(ctrl), cudaMemcpyDeviceToHost), "reading the control block");
-  out->epoch = ctrl.epoch;
+  out->epoch = ctrl.epoch_cells[0] & kEpochMask;  // every cell holds the same epoch between launches
   out->capacity = ws->capacity;
   out->buffer_bytes = ws->buffer_bytes;
   int open = 0;
@@ -195,9 +195,7 @@ int fused_norm(ArmsWorkspace* ws, const ArmsNormArgs* args) {
   if (ws->fault_host->failed) {
     const volatile ArmsFault* f = ws->fault_host;
     const char* op = f->op == ARMS_OP_QK_NORM ? "qk_norm" : "rms_norm";
-    const std::string waiting_for =
-        f->peer >= 0 ? "rank " + std::to_string(f->peer)
-                     : std::string("its own blocks to start (the grid was not co-resident on the GPU)");
+    const std::string waiting_for = "rank " + std::to_string(f->peer);
     return fail(ARMS_PEER_TIMEOUT, std::string(op) + " on rank " + std::to_string(f->rank) + " timed out after " +
                                        std::to_string(ws->timeout_ns / 1000000) + " ms waiting for " + waiting_for +
                                        " in call #" + std::to_string(f->epoch) +

@@ -81,22 +81,6 @@ __device__ __forceinline__ void load_relaxed_sys_u64x2(const uint64_t* p, uint64
 
 __device__ __forceinline__ void fence_system() { __threadfence_system(); }
 
-// The epoch advance (cpp/lamport.cuh), all on this GPU's own control words (agent scope): an
-// acquire load (gfx942: a sc1 load, then buffer_inv sc1, so later loads miss stale L1 lines), a
-// device-scope add whose result is unused (a non-returning global_atomic_add), and relaxed loads.
-__device__ __forceinline__ uint64_t load_acquire_gpu_u64(const void* p) {
-  return __hip_atomic_load(static_cast<const uint64_t*>(p), __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
-}
-__device__ __forceinline__ void red_add_relaxed_gpu(uint32_t* p, uint32_t v) {
-  __hip_atomic_fetch_add(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
-}
-__device__ __forceinline__ uint64_t load_relaxed_gpu_u64(const void* p) {
-  return __hip_atomic_load(static_cast<const uint64_t*>(p), __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
-}
-__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
-  return __hip_atomic_load(p, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
-}
-
 // s_memrealtime counts at a constant 100 MHz on CDNA parts.
 __device__ __forceinline__ uint64_t timer_ns() { return __builtin_amdgcn_s_memrealtime() * 10ull; }
 
