@@ -43,16 +43,14 @@ constexpr int kTracePoints = 8;                 // uint64 timestamps per traced 
 // blocks then makes no request queue at a single address (see read_epoch). Grids are clamped to
 // kEpochCells blocks (norm_launch.cu).
 constexpr int kEpochCells = 2048;
-constexpr uint32_t kCellFailedBit = 0x80000000u;  // a cell is {epoch: 31 bits, failed: top bit}
 
 // Device-resident state of one rank's workspace, advanced by the kernel itself so that a CUDA
 // graph replays with no host work.
 struct ControlBlock {
   uint32_t failed;       // sticky: a spin timed out; every later launch outputs NaN and exits
   uint32_t floor_epoch;  // the floor probe's own epoch (floor_exchange_kernel)
-  // epoch_cells[i]: launches completed on this workspace, modulo 2^31 (slot = epoch % 2), and
-  // whether `failed` was set when cell i was last written. Every launch writes every cell once
-  // (finish_launch), so all cells hold the same epoch between launches.
+  // epoch_cells[i]: launches completed on this workspace, modulo 2^31 (slot = epoch % 2). Every
+  // launch writes every cell once (finish_launch), so all cells hold the same epoch between launches.
   uint32_t epoch_cells[kEpochCells];
 };
 
@@ -96,34 +94,41 @@ struct Epoch {
   bool failed;
 };
 
-__device__ __forceinline__ Epoch epoch_from_cell(uint32_t cell) {
+__device__ __forceinline__ Epoch make_epoch(uint32_t epoch, uint32_t failed) {
   Epoch e;
-  e.epoch = cell & kEpochMask;
-  e.failed = (cell & kCellFailedBit) != 0u;
+  e.epoch = epoch;
+  e.failed = failed != 0u;
   e.flag = flag_of(e.epoch);
   e.slot = e.epoch % kSlots;
   return e;
 }
 
-// Read this launch's epoch (after pdl_wait: the previous launch wrote it) from this block's own
-// cell. Why a cell per block: with one shared word, every block's read (and the count that told
-// the last block when all had read it) queued at one address; at T = 1024 (1024 blocks) that
-// queue cost about 0.9 us per launch (history/trace-H200-tp2-epoch-readers-sweep.json: 1024
-// readers against 2048, 6.41 against 7.29 us). Block b's cell is written only by this launch's
-// finish_launch, after the block's last barrier, so every warp of the block has read it by then.
-// One lane per warp reads; the others get the value by shuffle, so no load of theirs can be late.
+// Read this launch's epoch from this block's own cell, and the sticky failure word (after
+// pdl_wait: the previous launch wrote them; the two loads are in flight together). Why a cell per
+// block: with one shared epoch, the last block to read it had to be known before the epoch could
+// move on, which took a same-address count from every block and a wait in block 0 at the end.
+// Block b's cell is written only by this launch's finish_launch, after the block's last barrier,
+// so every warp of the block has read it by then. One lane per warp reads; the others get the
+// values by shuffle, so no load of theirs can be late.
 __device__ inline Epoch read_epoch(const LamportParams& lp, int lane) {
-  uint32_t cell = 0;
-  if (lane == 0) cell = platform::load_l2(&lp.ctrl->epoch_cells[blockIdx.x]);
-  return epoch_from_cell(__float_as_uint(platform::warp_shfl(__uint_as_float(cell), 0)));
+  uint32_t epoch = 0, failed = 0;
+  if (lane == 0) {
+    epoch = platform::load_l2(&lp.ctrl->epoch_cells[blockIdx.x]);
+    failed = platform::load_l2(&lp.ctrl->failed);
+  }
+  return make_epoch(__float_as_uint(platform::warp_shfl(__uint_as_float(epoch), 0)),
+                    __float_as_uint(platform::warp_shfl(__uint_as_float(failed), 0)));
 }
 
-// read_epoch with one reader per block: thread 0 reads the cell, the other threads take it from
+// read_epoch with one reader per block: thread 0 reads, the other threads take the words from
 // shared memory after a barrier. Every thread of the block must call it (it has a barrier).
-__device__ inline Epoch read_epoch_per_block(const LamportParams& lp, uint32_t* shared_cell) {
-  if (threadIdx.x == 0) *shared_cell = platform::load_l2(&lp.ctrl->epoch_cells[blockIdx.x]);
+__device__ inline Epoch read_epoch_per_block(const LamportParams& lp, uint32_t (&shared_words)[2]) {
+  if (threadIdx.x == 0) {
+    shared_words[0] = platform::load_l2(&lp.ctrl->epoch_cells[blockIdx.x]);
+    shared_words[1] = platform::load_l2(&lp.ctrl->failed);
+  }
   __syncthreads();
-  return epoch_from_cell(*shared_cell);
+  return make_epoch(shared_words[0], shared_words[1]);
 }
 
 __device__ __forceinline__ int64_t packet_index(const LamportParams& lp, uint32_t slot, int source, int token) {
@@ -217,18 +222,16 @@ __device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoc
 // epoch in the cell of each of its blocks. No fence, no atomic and no wait for the other blocks:
 // the next launch reads its cells only after this grid has completed (pdl_wait / stream order),
 // which makes every write of this grid visible to it, and no block of this launch reads a cell
-// another block writes. The failed bit is carried into the cells (this block's own timeouts are
-// ordered before the read of `failed` by the barrier), so a later launch learns of a timeout from
-// its own cell; a block whose cell was written before another block timed out still stops within
-// 32 polls of its first wait, which reads `failed` itself. Every thread of the block must call it.
+// another block writes. Nothing is loaded here: a load puts a round trip to L2 between the
+// block's last store and its exit (a version that read `failed` here to carry it in the cells
+// came out 0.26 us slower at T = 1 and 0.43 at T = 1024 than the shared epoch it replaced, in one
+// 2x H200 run). Every thread of the block must call it.
 __device__ inline void finish_launch(const LamportParams& lp, const Epoch& e) {
-  __syncthreads();  // every warp has read this block's cell; every fault of the block is recorded
+  __syncthreads();  // every warp of the block has read its cell
   const uint32_t stride = gridDim.x;
-  uint32_t first = blockIdx.x + threadIdx.x * stride;
-  if (first >= static_cast<uint32_t>(kEpochCells)) return;
-  const bool failed = e.failed || platform::load_l2(&lp.ctrl->failed) != 0u;
-  const uint32_t cell = ((e.epoch + 1u) & kEpochMask) | (failed ? kCellFailedBit : 0u);
-  for (uint32_t i = first; i < static_cast<uint32_t>(kEpochCells); i += blockDim.x * stride) lp.ctrl->epoch_cells[i] = cell;
+  const uint32_t next = (e.epoch + 1u) & kEpochMask;
+  for (uint32_t i = blockIdx.x + threadIdx.x * stride; i < static_cast<uint32_t>(kEpochCells); i += blockDim.x * stride)
+    lp.ctrl->epoch_cells[i] = next;
 }
 
 }  // namespace arms

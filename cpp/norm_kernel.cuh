@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   constexpr bool kCacheWeights = kNormalizes && VPT <= 2;
   constexpr bool kLamport = MODE == ARMS_MODE_LAMPORT;
   __shared__ float2 warp_sums[2][kMaxGroupWarps];  // [token parity][warp]
-  __shared__ uint32_t epoch_cell;                  // read_epoch_per_block's copy of the block's cell
+  __shared__ uint32_t epoch_words[2];              // read_epoch_per_block's {epoch, failed}
 
   // Before the PDL wait only what the previous kernel cannot have written: indices and clocks.
   const bool tracing = kLamport && p.lamport.trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
     // one reader per block when there are several blocks; a single block reads per warp (no
     // barrier: T = 1 measured 0.1 us faster so)
     if (p.epoch_per_block && gridDim.x > 1)
-      e = read_epoch_per_block(p.lamport, &epoch_cell);
+      e = read_epoch_per_block(p.lamport, epoch_words);
     else
       e = read_epoch(p.lamport, lane);
     if (tracing) {
