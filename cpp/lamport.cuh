@@ -49,7 +49,6 @@ constexpr int kEpochCells = 2048;
 struct ControlBlock {
   uint32_t failed;       // sticky: a spin timed out; every later launch outputs NaN and exits
   uint32_t floor_epoch;  // the floor probe's own epoch (floor_exchange_kernel)
-  uint32_t row_claims[kSlots];  // [slot]: rows handed out so far in the launch of that slot (norm_kernel)
   // epoch_cells[i]: launches completed on this workspace, modulo 2^31 (slot = epoch % 2). Every
   // launch writes every cell once (finish_launch), so all cells hold the same epoch between launches.
   uint32_t epoch_cells[kEpochCells];
@@ -229,8 +228,6 @@ __device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoc
 // 2x H200 run). Every thread of the block must call it.
 __device__ inline void finish_launch(const LamportParams& lp, const Epoch& e) {
   __syncthreads();  // every warp of the block has read its cell
-  // the next launch's row-claim counter; no block of this launch uses that slot's
-  if (blockIdx.x == 0 && threadIdx.x == 0) lp.ctrl->row_claims[(e.slot + 1) % kSlots] = 0u;
   const uint32_t stride = gridDim.x;
   const uint32_t next = (e.epoch + 1u) & kEpochMask;
   for (uint32_t i = blockIdx.x + threadIdx.x * stride; i < static_cast<uint32_t>(kEpochCells); i += blockDim.x * stride)

@@ -62,9 +62,8 @@ struct KernelParams {
                           // beyond the one it loads (16-byte vector plans, sm_90)
   int32_t early_weights;  // 1: a block with one row fetches its weights with the row, before the exchange
   int32_t epoch_per_block;  // 1: one thread per block reads the epoch (read_epoch_per_block), else one per warp
-  int32_t prewait_prefetch;  // n > 0: before the PDL wait, a block asks L2 for its first n rows (16-byte
+  int32_t prewait_prefetch;  // 1: before the PDL wait, a block asks L2 for its first two rows (16-byte
                              // vector plans, sm_90); see norm_kernel
-  int32_t row_claims;  // 1 (LAMPORT): rows beyond each block's first two go to the block that asks first
   LamportParams lamport;
 };
 
@@ -223,11 +222,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   // first two rows. Safe although that kernel may still be writing them: L2 is the GPU's point of
   // coherence (every SM's and every peer's write to this memory lands there), so a prefetch can
   // only put into L2 what a load would find there anyway; nothing is read into registers or L1.
-  if (threadIdx.x == 0)
-    for (int k = 0; k < p.prewait_prefetch; ++k) {
-      const int row = static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x);
-      if (row < p.tokens) prefetch_row<D, VEC>(p, row);
-    }
+  if (p.prewait_prefetch && threadIdx.x == 0) {
+    const int first = static_cast<int>(blockIdx.x), second = first + static_cast<int>(gridDim.x);
+    if (first < p.tokens) prefetch_row<D, VEC>(p, first);
+    if (second < p.tokens) prefetch_row<D, VEC>(p, second);
+  }
 
   // Nothing of the previous kernel in the stream (inputs, workspace state) is read before this.
   platform::pdl_wait();
@@ -349,64 +348,25 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   // With prefetch_rows = d, the row loaded is joined by an L2 request for the row d grid strides
   // further, so that load finds it in L2: DRAM stays busy while the block waits on the exchange.
   const int prefetch_stride = p.prefetch_rows > 0 ? p.prefetch_rows * static_cast<int>(gridDim.x) : 0;
-
-  // Row claims (p.row_claims, LAMPORT launches with more than two rows per block): every block
-  // takes rows b and b + B (B blocks) as above, and each further row from a counter of this
-  // launch, so a block that runs faster takes more rows and all blocks end together, instead of
-  // the slowest block's fixed share setting the end. Thread 0 claims two rows ahead (the returning
-  // atomic has a whole step to come back): at each step it hands the block the row it claimed two
-  // steps ago, asks L2 for the one it claimed a step ago (the prefetch), and claims another.
-  // Never a deadlock: a block waits only on rows it has published, and a block has claimed but
-  // not published only rows that come after (in its rank's claim order) the row it waits on; so
-  // the smallest waited-on row of all ranks is published on every rank.
-  // The counter is ctrl->row_claims[slot], zeroed by the previous launch (finish_launch).
-  __shared__ int claimed_row[2];  // [step parity]: the row thread 0 hands the block
-  const bool claims = kLamport && p.row_claims && 2 * static_cast<int>(gridDim.x) < p.tokens;
-  const int claims_base = 2 * static_cast<int>(gridDim.x);
-  auto claim = [&]() {
-    return claims_base + static_cast<int>(atomicAdd(&p.lamport.ctrl->row_claims[e.slot], 1u));
-  };
-  int claim_old = p.tokens, claim_new = p.tokens;  // thread 0: rows claimed two steps and one step ago
-  if (claims && threadIdx.x == 0) {
-    claim_old = claim();
-    claim_new = claim();
-  }
-  int claim_parity = 0;
-  auto following_row = [&](int t1) {
-    if (!claims) return t1 + static_cast<int>(gridDim.x);
-    if (threadIdx.x == 0) {
-      claimed_row[claim_parity] = claim_old;
-      if (claim_new < p.tokens) prefetch_row<D, VEC>(p, claim_new);
-      claim_old = claim_new;
-      if (claim_new < p.tokens) claim_new = claim();
-    }
-    __syncthreads();  // (the slot of this parity was last read before the previous step's barrier)
-    const int row = claimed_row[claim_parity];
-    claim_parity ^= 1;
-    return row;
-  };
-
-  // One step: publish `next` (row t1), store `cur` (row t), load the block's row after t1 into
-  // cur. Returns that row (>= T: none).
-  auto step = [&](V(&cur)[VPT], V(&next)[VPT], int t, int t1, float2 partial, int next_parity, float2& next_partial) {
+  auto step = [&](V(&cur)[VPT], V(&next)[VPT], int t, float2 partial, int next_parity, float2& next_partial) {
+    const int t1 = t + gridDim.x;
     if (t1 < p.tokens) next_partial = reduce_publish(next, t1, next_parity);
     collect_store_row(cur, t, partial);
-    const int t2 = following_row(t1);
+    const int t2 = t1 + gridDim.x;
     if (t2 < p.tokens) {
       load_row<D, VEC, VPT>(p, c, t2, cur);
-      if (!claims && prefetch_stride > 0 && threadIdx.x == 0 && t2 + prefetch_stride < p.tokens)
+      if (prefetch_stride > 0 && threadIdx.x == 0 && t2 + prefetch_stride < p.tokens)
         prefetch_row<D, VEC>(p, t2 + prefetch_stride);
     }
-    return t2;
+    return t1;
   };
 
   if (token < p.tokens && early) {  // one row, weights already on their way
     collect_store(xa, token, reduce_publish(xa, token, 0), fetched_weight);
   } else if (token < p.tokens) {
-    // rows 2 .. d + 1 grid strides on (those before the PDL wait aside): the steps' own
-    // prefetches start beyond them (with row claims, rows 2B .. 3B - 1 are the first claimed)
+    // rows 2 .. d + 1 grid strides on: the steps' own prefetches start beyond them
     if (prefetch_stride > 0 && threadIdx.x == 0)
-      for (int k = max(2, p.prewait_prefetch); k < 2 + p.prefetch_rows; ++k)
+      for (int k = 2; k < 2 + p.prefetch_rows; ++k)
         if (token + k * static_cast<int>(gridDim.x) < p.tokens) prefetch_row<D, VEC>(p, token + k * gridDim.x);
     float2 partial = reduce_publish(xa, token, 0);
     // (Tried together, in one 2x H200 run: loading the second row before reducing the first,
@@ -414,14 +374,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
     // slower; taken out again, though that run's floors were also ~2% slower.)
     if (token + static_cast<int>(gridDim.x) < p.tokens) load_row<D, VEC, VPT>(p, c, token + gridDim.x, xb);
     float2 next_partial = make_float2(0.f, 0.f);
-    int t1 = token + static_cast<int>(gridDim.x);  // row in xb
     for (;;) {
-      const int t2 = step(xa, xb, token, t1, partial, 1, next_partial);  // t2 now in xa
-      if (t1 >= p.tokens) break;
-      const int t3 = step(xb, xa, t1, t2, next_partial, 0, partial);    // t3 now in xb
-      if (t2 >= p.tokens) break;
-      token = t2;
-      t1 = t3;
+      token = step(xa, xb, token, partial, 1, next_partial);
+      if (token >= p.tokens) break;
+      token = step(xb, xa, token, next_partial, 0, partial);
+      if (token >= p.tokens) break;
     }
   }
 

@@ -74,8 +74,7 @@ struct DeviceLimits {
   int sms = 0;
   int l2_bytes = 0;
   bool pdl = false;
-  int prewait_prefetch = 2;  // KernelParams::prewait_prefetch (ALLREDUCE_RMS_PREWAIT_PREFETCH=n rows, 0: off)
-  bool row_claims = true;    // KernelParams::row_claims (ALLREDUCE_RMS_ROW_CLAIMS=0: off)
+  bool prewait_prefetch = true;  // KernelParams::prewait_prefetch (ALLREDUCE_RMS_PREWAIT_PREFETCH=0: off)
 };
 
 DeviceLimits device_limits(int device) {
@@ -92,8 +91,7 @@ DeviceLimits device_limits(int device) {
   }
   limits.pdl = platform::device_supports_pdl(device);
   if (const char* env = getenv("ALLREDUCE_RMS_PDL")) limits.pdl = limits.pdl && env[0] != '0';
-  if (const char* env = getenv("ALLREDUCE_RMS_PREWAIT_PREFETCH")) limits.prewait_prefetch = std::max(0, std::min(8, atoi(env)));
-  if (const char* env = getenv("ALLREDUCE_RMS_ROW_CLAIMS")) limits.row_claims = env[0] != '0';
+  if (const char* env = getenv("ALLREDUCE_RMS_PREWAIT_PREFETCH")) limits.prewait_prefetch = env[0] != '0';
   cache[device] = limits;
   return limits;
 }
@@ -199,8 +197,7 @@ struct Plan {
   int prefetch_rows = 0;  // KernelParams::prefetch_rows, for launches whose blocks walk several rows
   bool early_weights = true;  // KernelParams::early_weights
   bool epoch_per_block = true;  // KernelParams::epoch_per_block
-  int prewait_prefetch = 0;  // KernelParams::prewait_prefetch
-  bool row_claims = false;   // KernelParams::row_claims
+  bool prewait_prefetch = false;  // KernelParams::prewait_prefetch
 };
 
 }  // namespace
@@ -346,8 +343,7 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   plan->coresident = std::min(blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1),
                               kEpochCells);
   plan->pdl = limits.pdl;
-  plan->prewait_prefetch = limits.pdl ? limits.prewait_prefetch : 0;
-  plan->row_claims = limits.row_claims;
+  plan->prewait_prefetch = limits.prewait_prefetch && limits.pdl;
   plan->prefetch_rows = override_prefetch_rows >= 0 ? override_prefetch_rows : kPrefetchRows;
   plan->early_weights = override_early_weights != 0;
   plan->epoch_per_block = override_epoch_per_block != 0;
@@ -441,8 +437,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   p.early_weights = plan.early_weights ? 1 : 0;
   p.epoch_per_block = plan.epoch_per_block ? 1 : 0;
   // (a 16-byte vector plan only: prefetch_row's bulk prefetch needs whole 16-byte words)
-  p.prewait_prefetch = !plan.wide_row && plan.vec * element_bytes(a->dtype) == 16 ? plan.prewait_prefetch : 0;
-  p.row_claims = plan.row_claims && !plan.wide_row ? 1 : 0;
+  p.prewait_prefetch = plan.prewait_prefetch && !plan.wide_row && plan.vec * element_bytes(a->dtype) == 16 ? 1 : 0;
   if (lamport) {
     p.lamport = *lamport;
     if (a->rank_group > 0) {
