@@ -18,8 +18,9 @@
 extern "C" {
 #endif
 
-#define ARMS_BACKEND_ABI_VERSION 5 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants;
-                                     5: plan knobs: L2 prefetch, early weights, epoch read per block */
+#define ARMS_BACKEND_ABI_VERSION 6 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants;
+                                     5: plan knobs: L2 prefetch, early weights, epoch read per block;
+                                     6: ArmsPlan.prewait_prefetch_rows */
 #define ARMS_BACKEND_SYMBOL "arms_backend_api"
 #define ARMS_MAX_RANKS 8
 #define ARMS_MAX_SEGMENTS 2
@@ -144,6 +145,8 @@ typedef struct ArmsPlan {
                           * before the exchange wait (else after it) */
   int32_t epoch_per_block; /* ABI 5. 1: one thread per block reads the workspace epoch (else one
                             * per warp) */
+  int32_t prewait_prefetch_rows; /* ABI 6. rows of its own a block asks L2 for before the PDL wait
+                                  * (ALLREDUCE_RMS_PREWAIT_PREFETCH=0: none) */
 } ArmsPlan;
 
 /* Floor probes (floor_launch): what a launch costs with nothing in it, and with the smallest

@@ -160,6 +160,7 @@ nb::dict plan_dict(const ArmsBackendApi& api, const ArmsNormArgs& a, int capacit
   d["prefetch_rows"] = plan.prefetch_rows;
   d["early_weights"] = plan.early_weights != 0;
   d["epoch_per_block"] = plan.epoch_per_block != 0;
+  d["prewait_prefetch_rows"] = plan.prewait_prefetch_rows;
   return d;
 }
 

@@ -363,6 +363,12 @@ static int grid_for(int64_t tokens, const Plan& plan) {
   return static_cast<int>(std::min<int64_t>(wanted, plan.coresident));
 }
 
+// KernelParams::prewait_prefetch of a launch with this plan: prefetch_row's bulk prefetch takes
+// whole 16-byte words, so 16-byte vector plans only.
+static bool prewait_prefetch_of(const Plan& plan, int dtype) {
+  return plan.prewait_prefetch && !plan.wide_row && plan.vec * element_bytes(dtype) == 16;
+}
+
 int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
   if (!out) return fail(ARMS_INVALID_ARGUMENT, "plan: out is null");
   if (int status = use_device(a->device)) return status;
@@ -388,6 +394,7 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
                        (a->num_segments == 1 || a->segment[1].weight_dtype == a->dtype) &&
                        (capacity > 0 || a->mode != ARMS_MODE_STATS_OUT);
   out->epoch_per_block = capacity > 0 && !plan.wide_row && plan.epoch_per_block && out->grid > 1 ? 1 : 0;
+  out->prewait_prefetch_rows = prewait_prefetch_of(plan, a->dtype) ? (out->grid < first ? 2 : 1) : 0;
   return ARMS_OK;
 }
 
@@ -436,8 +443,7 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   p.prefetch_rows = plan.prefetch_rows;
   p.early_weights = plan.early_weights ? 1 : 0;
   p.epoch_per_block = plan.epoch_per_block ? 1 : 0;
-  // (a 16-byte vector plan only: prefetch_row's bulk prefetch needs whole 16-byte words)
-  p.prewait_prefetch = plan.prewait_prefetch && !plan.wide_row && plan.vec * element_bytes(a->dtype) == 16 ? 1 : 0;
+  p.prewait_prefetch = prewait_prefetch_of(plan, a->dtype) ? 1 : 0;
   if (lamport) {
     p.lamport = *lamport;
     if (a->rank_group > 0) {
