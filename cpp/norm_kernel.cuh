@@ -212,7 +212,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   __shared__ float2 warp_sums[2][kMaxGroupWarps];  // [token parity][warp]
   __shared__ uint32_t epoch_words[2];              // read_epoch_per_block's {epoch, failed}
 
-  // Before the PDL wait only what the previous kernel cannot have written: indices and clocks.
+  // Before the PDL wait nothing is read that the previous kernel may write: only indices, clocks
+  // and the kernel parameters (and the L2 prefetch below, which reads nothing into the block).
   const bool tracing = kLamport && p.lamport.trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
   const uint64_t entered = tracing ? platform::timer_ns() : 0;
   const ThreadColumns<VEC, VPT> c = thread_columns<VEC, VPT>(p);

@@ -254,7 +254,7 @@ static int make_wide_row_plan(const ArmsNormArgs* a, int mode, int64_t row_elems
            : a->dtype == ARMS_F16 ? wide_row_kernel_for<F16>(mode)
                                   : wide_row_kernel_for<BF16>(mode);
   const int sms = limits.sms > 0 ? limits.sms : 1;
-  plan->coresident = std::min(blocks_per_sm(plan->fn, plan->block, a->device) * sms, kEpochCells);
+  plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * sms;
   const int64_t row_bytes = row_elems * element_bytes(a->dtype);
   if (limits.l2_bytes > 0) {
     const int64_t fit_l2 = std::max<int64_t>(sms, limits.l2_bytes / 2 / std::max<int64_t>(1, row_bytes));
@@ -339,9 +339,7 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   plan->fn = a->dtype == ARMS_F32 ? kernel_for<F32>(wide, shape.vpt, mode)
            : a->dtype == ARMS_F16 ? kernel_for<F16>(wide, shape.vpt, mode)
                                   : kernel_for<BF16>(wide, shape.vpt, mode);
-  // the grid is also kept within the epoch cells (lamport.cuh): one per block
-  plan->coresident = std::min(blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1),
-                              kEpochCells);
+  plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1);
   plan->pdl = limits.pdl;
   plan->prewait_prefetch = limits.prewait_prefetch && limits.pdl;
   plan->prefetch_rows = override_prefetch_rows >= 0 ? override_prefetch_rows : kPrefetchRows;
@@ -358,9 +356,10 @@ static int64_t chunk_tokens(int capacity) { return capacity > 0 ? capacity : int
 // Blocks of one launch: one per tokens_per_block tokens, at most as many as are co-resident.
 // Every block of a spinning launch must be resident at once, or a block waiting for a peer could
 // keep the block the peer is waiting for from ever being scheduled.
+// Also never more blocks than the workspace has epoch cells (lamport.cuh): block b reads cell b.
 static int grid_for(int64_t tokens, const Plan& plan) {
   const int64_t wanted = (tokens + plan.tokens_per_block - 1) / plan.tokens_per_block;
-  return static_cast<int>(std::min<int64_t>(wanted, plan.coresident));
+  return static_cast<int>(std::min<int64_t>({wanted, plan.coresident, kEpochCells}));
 }
 
 // KernelParams::prewait_prefetch of a launch with this plan: prefetch_row's bulk prefetch takes
@@ -394,7 +393,7 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
                        (a->num_segments == 1 || a->segment[1].weight_dtype == a->dtype) &&
                        (capacity > 0 || a->mode != ARMS_MODE_STATS_OUT);
   out->epoch_per_block = capacity > 0 && !plan.wide_row && plan.epoch_per_block && out->grid > 1 ? 1 : 0;
-  out->prewait_prefetch_rows = prewait_prefetch_of(plan, a->dtype) ? (out->grid < first ? 2 : 1) : 0;
+  out->prewait_prefetch_rows = first > 0 && prewait_prefetch_of(plan, a->dtype) ? (out->grid < first ? 2 : 1) : 0;
   return ARMS_OK;
 }
 

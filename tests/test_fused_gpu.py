@@ -16,6 +16,7 @@ import torch.distributed as dist
 import allreduce_rms
 from allreduce_rms import _native
 from allreduce_rms.launch import run_ranks
+from allreduce_rms.ops import fused_plan
 from numerics import DTYPES, TOLERANCE, reference, rel_err, shard_scale
 
 pytestmark = pytest.mark.multigpu
@@ -309,13 +310,18 @@ def _chained_in_place_worker(rank, world):
     torch.cuda.set_device(dev)
     ws = allreduce_rms.Workspace(max_tokens=4096, timeout_ms=20_000)
     assert ws.path == "fused", ws.reason
-    links, mismatches = 6, []
+    links, mismatches, plans = 6, [], []
     for tokens in (1, 1000, 4096, 4099):  # one row per block, two, several, and two chunks
         qkv0, qw, kw, qs, ks, _, _ = _problem(900 + tokens, tokens, 6144, 1024, torch.bfloat16, world, rank, dev)
+        plan = fused_plan(qkv0, qw, kw, qs, ks, ws)
+        plans.append((tokens, plan["pdl"], plan["prewait_prefetch_rows"]))
         expected = qkv0.clone()
-        for _ in range(links):  # one call at a time
+        for link in range(links):  # one call at a time; each must change q and k
+            before = expected[:, :qs + ks].clone()
             allreduce_rms.qk_norm(expected, qw, kw, qs, ks, 1e-6, ws, inplace=True)
             ws.synchronize()
+            if torch.equal(expected[:, :qs + ks], before):  # a no-op chain would pass the checks below
+                mismatches.append((tokens, f"link {link} changed nothing", 0))
         chained = qkv0.clone()
         for _ in range(links):
             allreduce_rms.qk_norm(chained, qw, kw, qs, ks, 1e-6, ws, inplace=True)
@@ -336,16 +342,16 @@ def _chained_in_place_worker(rank, world):
         for name, got in (("eager", chained), ("graph", graphed)):
             if not torch.equal(got, expected):
                 mismatches.append((tokens, name, int((got != expected).sum())))
-        # and the chain did change q and k at every link (a no-op chain would pass the check above)
-        if torch.equal(expected[:, :qs + ks], qkv0[:, :qs + ks]):
-            mismatches.append((tokens, "unchanged", 0))
     ws.close()
-    return {"mismatches": mismatches}
+    return {"mismatches": mismatches, "plans": plans, "sm90": torch.cuda.get_device_capability(dev) >= (9, 0)}
 
 
 def test_chained_in_place_calls_read_what_the_previous_call_wrote():
     for r in run_ranks(_chained_in_place_worker, WORLD, backend="nccl", timeout=300):
         assert r["mismatches"] == [], r
+        if r["sm90"] and os.environ.get("ALLREDUCE_RMS_PDL", "1") != "0":
+            # the case under test exists: PDL on, and rows asked of L2 before the PDL wait
+            assert all(pdl and rows > 0 for _, pdl, rows in r["plans"]), r
 
 
 def _peer_skips_worker(rank, world):
