@@ -7,9 +7,11 @@
 #   VARIANTS="old new p0 old" bash scripts/ab_trace.sh     (on the GPU machine; the device tool
 #                                                           needs carry: [".whl", "ab-old-src.tar"])
 #
-# A variant named old* runs the reference build; any other runs this tree's, with pN in its name
-# setting ALLREDUCE_RMS_PREWAIT_PREFETCH=N. TESTS="tests/test_fused_gpu.py" also runs those GPU
-# tests on this tree's build afterwards. Writes trace-<variant>.json and logs.tgz to $OUT.
+# A variant named old* runs the reference build; any other runs this tree's, with p0 in its name
+# turning the pre-wait L2 prefetch off (ALLREDUCE_RMS_PREWAIT_PREFETCH=0). TESTS="tests/test_fused_gpu.py"
+# also runs those GPU tests on this tree's build afterwards. Writes trace-<variant>.json and
+# logs.tgz to $OUT. (history/trace-H200-tp2-epoch-cells-ab.json came from earlier versions of this
+# script; its note says what each of its variants ran.)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
@@ -25,9 +27,9 @@ cd /tmp  # import the installed packages, not the source tree
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 for v in ${VARIANTS:-old new p0}; do
   path=/tmp/site
-  prefetch=${ALLREDUCE_RMS_PREWAIT_PREFETCH:-1}
+  prefetch=1
   case $v in old*) path=/tmp/site-old:/tmp/site;; esac
-  [[ $v =~ p([0-9]) ]] && prefetch=${BASH_REMATCH[1]}
+  [[ $v =~ p0 ]] && prefetch=0
   echo "== $v $(date +%T)"
   PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch timeout 170 \
     python3 "$repo/benchmarks/trace_kernel.py" --json "$OUT/trace-$v.json" ${TRACE_ARGS:-} 2>&1 \
