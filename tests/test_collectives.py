@@ -127,9 +127,16 @@ _NO_NUMPY_RANK = textwrap.dedent("""
         raise AssertionError("different max_tokens were accepted")
     except ValueError as exc:
         assert "max_tokens" in str(exc)
-    dist.destroy_process_group()
     assert "numpy" not in sys.modules
-    print(f"rank {rank}: ok without numpy, relative error {err:.1e}")
+    print(f"rank {rank}: ok without numpy, relative error {err:.1e}", flush=True)
+    # Leave as run_ranks does (allreduce_rms.launch): torch's gloo process group can abort a rank
+    # in interpreter teardown ("terminate called without an active exception", seen about 1 run
+    # in 10 to 20 after everything above passed); a barrier, the group's destruction and an
+    # immediate exit avoid that teardown.
+    dist.barrier()
+    dist.destroy_process_group()
+    import os
+    os._exit(0)
 """)
 
 
