@@ -4,9 +4,15 @@
 // provides the same small vocabulary, in namespace arms::platform:
 //   kWarpSize                      threads per warp (32) or wavefront (64), a compile-time constant
 //   warp_sum(float)                butterfly sum over the whole warp/wavefront
+//   warp_shfl / warp_shfl_xor      a lane's value, by lane or by xor of the lane index
 //   load_relaxed_sys / store_relaxed_sys
 //                                  32-bit accesses that bypass non-coherent caches and are visible
-//                                  to other GPUs (the Lamport cells and control words)
+//                                  to other GPUs (the failure word, the probe)
+//   load_relaxed_sys_u64(x2) / store_relaxed_sys_u64(x2)
+//                                  the same for one (two) 64-bit value+flag packets, each access
+//                                  single-copy atomic
+//   load_l2(p)                     a 32-bit read that bypasses L1, of a value another kernel on this
+//                                  GPU wrote (the epoch cells, the failure word)
 //   fence_system()                 order earlier writes before later ones for every observer
 //   timer_ns()                     a device clock in nanoseconds, for bounded spins
 //   pdl_wait() / pdl_trigger()     programmatic dependent launch (no-ops where unsupported)
