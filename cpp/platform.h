@@ -7,7 +7,8 @@
 //   warp_shfl / warp_shfl_xor      a lane's value, by lane or by xor of the lane index
 //   load_relaxed_sys / store_relaxed_sys
 //                                  32-bit accesses that bypass non-coherent caches and are visible
-//                                  to other GPUs (the failure word, the probe)
+//                                  to other GPUs (the failure word, polled during a wait; the
+//                                  store and warp_sum have no user in the kernels today)
 //   load_relaxed_sys_u64(x2) / store_relaxed_sys_u64(x2)
 //                                  the same for one (two) 64-bit value+flag packets, each access
 //                                  single-copy atomic
