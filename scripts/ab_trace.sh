@@ -4,11 +4,12 @@
 # variant in its own process, one after another on the same machine.
 #
 #   git archive -o ab-old-src.tar <reference commit>      (here, before the run; ignored by git)
-#   VARIANTS="old new p0 old" bash scripts/ab_trace.sh     (on the GPU machine; the device tool
+#   VARIANTS="old new new-p2 old" bash scripts/ab_trace.sh (on the GPU machine; the device tool
 #                                                           needs carry: [".whl", "ab-old-src.tar"])
 #
-# A variant named old* runs the reference build; any other runs this tree's, with p0 in its name
-# turning the pre-wait L2 prefetch off (ALLREDUCE_RMS_PREWAIT_PREFETCH=0). TESTS="tests/test_fused_gpu.py"
+# A variant named old* runs the reference build; any other runs this tree's, with -pN in its name
+# setting ALLREDUCE_RMS_PREWAIT_PREFETCH=N (0 off, 2 on every launch) and -cN setting
+# ALLREDUCE_RMS_TAIL_ROUNDS=N (0: no claimed rows), e.g. "new", "new-p2", "new-c0". TESTS="tests/test_fused_gpu.py"
 # also runs those GPU tests on this tree's build afterwards. Writes trace-<variant>.json and
 # logs.tgz to $OUT. (history/trace-H200-tp2-epoch-cells-ab.json came from earlier versions of this
 # script; its note says what each of its variants ran.)
@@ -25,13 +26,14 @@ fi
 repo=$PWD
 cd /tmp  # import the installed packages, not the source tree
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-for v in ${VARIANTS:-old new p0}; do
+for v in ${VARIANTS:-old new}; do
   path=/tmp/site
-  prefetch=1
+  prefetch=1 rounds=1
   case $v in old*) path=/tmp/site-old:/tmp/site;; esac
-  [[ $v =~ p0 ]] && prefetch=0
+  [[ $v =~ -p([0-9]) ]] && prefetch=${BASH_REMATCH[1]}
+  [[ $v =~ -c([0-9]) ]] && rounds=${BASH_REMATCH[1]}
   echo "== $v $(date +%T)"
-  PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch timeout 170 \
+  PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch ALLREDUCE_RMS_TAIL_ROUNDS=$rounds timeout 170 \
     python3 "$repo/benchmarks/trace_kernel.py" --json "$OUT/trace-$v.json" ${TRACE_ARGS:-} 2>&1 \
     | grep -E "^T=|Error|error" | sed -E 's/, plan.*phases / /' | cut -c1-300
 done
