@@ -65,12 +65,15 @@ def _phases(rows: torch.Tensor) -> Dict[str, Any]:
     for name, (a, b) in zip(PHASES, ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5))):
         out[name] = float(d(a, b).median())
     out["entry_to_stored"] = float(d(0, 5).median())
-    out["wait_to_last_block_loaded"] = float(d(1, 6).median())
-    out["wait_to_last_block_stored"] = float(d(1, 7).median())
+    all_blocks = bool((rows[:, 7] > 0).all())  # a trace build (ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON)
+    if all_blocks:
+        out["wait_to_last_block_loaded"] = float(d(1, 6).median())
+        out["wait_to_last_block_stored"] = float(d(1, 7).median())
     waited = rows[:, 1].double() / 1e3
     if len(waited) > 2:
         out["period_between_calls"] = float((waited[1:] - waited[:-1]).median())
-        out["last_block_stored_to_next_wait"] = float((waited[1:] - rows[:-1, 7].double() / 1e3).median())
+        if all_blocks:
+            out["last_block_stored_to_next_wait"] = float((waited[1:] - rows[:-1, 7].double() / 1e3).median())
     out["launches_traced"] = int(len(rows))
     return out
 

@@ -14,6 +14,7 @@ add_library(arms_cuda SHARED ${arms_cuda_sources})
 target_include_directories(arms_cuda PRIVATE "${ARMS_CPP_DIR}")
 target_compile_features(arms_cuda PRIVATE cxx_std_17 cuda_std_17)
 target_compile_options(arms_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-O3 --use_fast_math>)
+target_compile_definitions(arms_cuda PRIVATE ARMS_TRACE_ALL_BLOCKS=$<BOOL:${ALLREDUCE_RMS_TRACE_ALL_BLOCKS}>)
 set_target_properties(arms_cuda PROPERTIES
   CUDA_ARCHITECTURES "${ALLREDUCE_RMS_CUDA_ARCHS}"
   CUDA_RUNTIME_LIBRARY Static

@@ -108,6 +108,7 @@ target_compile_features(arms_hip PRIVATE cxx_std_17 hip_std_17)
 # No -ffast-math: its finite-math part lets clang assume no NaN, and a timed-out exchange poisons
 # its rows with NaN on purpose (nvcc's --use_fast_math, used for CUDA, has no such part).
 target_compile_options(arms_hip PRIVATE $<$<COMPILE_LANGUAGE:HIP>:-O3>)
+target_compile_definitions(arms_hip PRIVATE ARMS_TRACE_ALL_BLOCKS=$<BOOL:${ALLREDUCE_RMS_TRACE_ALL_BLOCKS}>)
 set_target_properties(arms_hip PROPERTIES
   OUTPUT_NAME arms_hip
   HIP_ARCHITECTURES "${ALLREDUCE_RMS_HIP_ARCHS}"

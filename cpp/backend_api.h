@@ -18,9 +18,9 @@
 extern "C" {
 #endif
 
-#define ARMS_BACKEND_ABI_VERSION 7 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants;
+#define ARMS_BACKEND_ABI_VERSION 6 /* 2: resources(); 3: value+flag packets, plan, trace, floor; 4: variants;
                                      5: plan knobs: L2 prefetch, early weights, epoch read per block;
-                                     6: ArmsPlan.prewait_prefetch_rows; 7: ArmsPlan.tail_claimed_rows */
+                                     6: ArmsPlan.prewait_prefetch_rows */
 #define ARMS_BACKEND_SYMBOL "arms_backend_api"
 #define ARMS_MAX_RANKS 8
 #define ARMS_MAX_SEGMENTS 2
@@ -147,8 +147,6 @@ typedef struct ArmsPlan {
                             * per warp) */
   int32_t prewait_prefetch_rows; /* ABI 6. rows of its own a block asks L2 for before the PDL wait
                                   * (ALLREDUCE_RMS_PREWAIT_PREFETCH=0: none) */
-  int32_t tail_claimed_rows; /* ABI 7. fused launches: rows at the end of the first launch that go to
-                              * whichever block asks first, not a fixed block (ALLREDUCE_RMS_TAIL_ROUNDS=0: none) */
 } ArmsPlan;
 
 /* Floor probes (floor_launch): what a launch costs with nothing in it, and with the smallest
@@ -195,9 +193,10 @@ typedef struct ArmsBackendApi {
   /* Profiling: block 0 of every fused launch writes 6 globaltimer stamps (entry, after the PDL
    * wait, first row loaded and reduced, its partials sent, its peers' partials arrived, all stores
    * issued) to the first 6 of the ARMS_TRACE_POINTS words at trace[(call % depth) *
-   * ARMS_TRACE_POINTS], and every block raises words 6 and 7 (atomicMax) to its own first-row and
-   * all-stores stamps, so they end as the latest of all blocks (zero the trace first; a row reused
-   * by a later launch takes that launch's later stamps). trace = NULL turns it off. trace is
+   * ARMS_TRACE_POINTS]. In a trace build (CMake ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON) every block
+   * also raises words 6 and 7 (atomicMax) to its own first-row and all-stores stamps, so they end
+   * as the latest of all blocks (zero the trace first; a row reused by a later launch takes that
+   * launch's later stamps); otherwise they stay as they were. trace = NULL turns it off. trace is
    * device memory of depth * ARMS_TRACE_POINTS uint64. */
   int (*workspace_trace)(ArmsWorkspace* ws, uint64_t* trace, int depth);
   /* One floor-probe launch (ArmsFloorKind) on stream, on the workspace's device and peers. */

@@ -54,7 +54,6 @@ struct ControlBlock {
   // epoch_cells[i]: launches completed on this workspace, modulo 2^31 (slot = epoch % 2). Every
   // launch writes every cell once (finish_launch), so all cells hold the same epoch between launches.
   uint32_t epoch_cells[kEpochCells];
-  uint32_t tail_claims[kSlots];  // [slot]: tail rows handed out so far by the launch of that slot (claim_tail_row)
 };
 
 struct LamportParams {
@@ -204,24 +203,6 @@ __device__ inline float2 receive_partials(const LamportParams& lp, const Epoch& 
   return make_float2(packet_value(a), nseg == 1 ? 0.f : packet_value(b));
 }
 
-// Tail claims (norm_kernel, launches whose blocks walk several rows): the last rows of a launch,
-// [first_claimed, T), go to whichever block asks first instead of a fixed block, so blocks that
-// ran fast take more of them and the launch ends when the work does, not when its slowest block
-// has finished a fixed share. The counter is ctrl->tail_claims[slot], zeroed by the previous
-// launch (finish_launch), and every claim takes the next row: one returning atomic per claimed
-// row. Why the exchange stays correct: packets are indexed by token, not by block, so the peer's
-// partials of a row reach whichever block holds it there. Why it cannot deadlock (every block is
-// co-resident): a block waits only on a row it has published, and any row it has loaded or claimed
-// but not yet published comes after that row in its rank's order (its fixed rows in order, then
-// claims, which count up). Take the smallest row u any block of any rank waits on: on every rank,
-// u is published, or held unpublished by a block waiting on a smaller row (impossible), or not
-// yet claimed, when every claimed row is smaller than u and no block waits on one (impossible
-// unless some block is still running, and that block goes on to claim u). So the block waiting
-// on u gets it. Returns a row >= T once the tail is used up.
-__device__ __forceinline__ int claim_tail_row(const LamportParams& lp, const Epoch& e, int first_claimed) {
-  return first_claimed + static_cast<int>(atomicAdd(&lp.ctrl->tail_claims[e.slot], 1u));
-}
-
 // Zero every packet of this launch's slot that it does not wait for (tokens >= T, and the second
 // segment's packets of a one-segment launch), on the rare launches that kRefreshMask picks, so
 // that no packet outlives its flag's wrap-around. Safe at any point of launch e: peers write this
@@ -249,9 +230,6 @@ __device__ inline void refresh_stale_packets(const LamportParams& lp, const Epoc
 // 2x H200 run). Every thread of the block must call it.
 __device__ inline void finish_launch(const LamportParams& lp, const Epoch& e) {
   __syncthreads();  // every warp of the block has read its cell
-  // the next launch's tail-claim counter: no block of this launch touches the other slot's, and
-  // the next launch reads it only after this grid has completed
-  if (blockIdx.x == 0 && threadIdx.x == 0) lp.ctrl->tail_claims[(e.slot + 1) % kSlots] = 0u;
   const uint32_t stride = gridDim.x;
   const uint32_t next = (e.epoch + 1u) & kEpochMask;
   for (uint32_t i = blockIdx.x + threadIdx.x * stride; i < static_cast<uint32_t>(kEpochCells); i += blockDim.x * stride)

@@ -161,7 +161,6 @@ nb::dict plan_dict(const ArmsBackendApi& api, const ArmsNormArgs& a, int capacit
   d["early_weights"] = plan.early_weights != 0;
   d["epoch_per_block"] = plan.epoch_per_block != 0;
   d["prewait_prefetch_rows"] = plan.prewait_prefetch_rows;
-  d["tail_claimed_rows"] = plan.tail_claimed_rows;
   return d;
 }
 

@@ -9,8 +9,7 @@
 //
 // Work layout: one block is one token group of G warps (G = blockDim.x / warp size, chosen by
 // the launcher from T: many warps per token at decode, few at prefill). A block walks its tokens
-// t = blockIdx.x, + gridDim.x, ... (in a fused prefill launch, the last of them go instead to
-// whichever block asks first: claim_tail_row); each thread owns VPT vectors (of VEC elements) of every row,
+// t = blockIdx.x, + gridDim.x, ...; each thread owns VPT vectors (of VEC elements) of every row,
 // at vector columns tid, tid + blockDim.x, ... It keeps a token's vectors in registers from the
 // load to the store, so each input byte is read once and each output byte written once, and it
 // publishes the block's next token before it waits for the current token's peers.
@@ -28,10 +27,11 @@
 namespace arms {
 
 constexpr int kMaxBlockThreads = 512;
-// Tail claims (claim_tail_row) are compiled into the kernels of 4 or more vectors per thread: the
-// prefill plans, whose blocks walk several rows; the decode kernels keep their shorter code.
-constexpr int kTailClaimMinVpt = 4;
 constexpr int kMaxGroupWarps = kMaxBlockThreads / platform::kWarpSize;
+
+#ifndef ARMS_TRACE_ALL_BLOCKS
+#define ARMS_TRACE_ALL_BLOCKS 0  // 1: a trace build (CMake ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON); see stamp_latest
+#endif
 
 struct KernelSegment {
   const void* in;
@@ -68,9 +68,6 @@ struct KernelParams {
   int32_t epoch_per_block;  // 1: one thread per block reads the epoch (read_epoch_per_block), else one per warp
   int32_t prewait_prefetch;  // 1: before the PDL wait, a block asks L2 for its first two rows (16-byte
                              // vector plans, sm_90); see norm_kernel
-  int32_t first_claimed;  // LAMPORT: rows from this one on go to whichever block asks first
-                          // (claim_tail_row); tokens: none. At least 2 * grid (every block's first
-                          // two rows are its own).
   LamportParams lamport;
 };
 
@@ -207,7 +204,7 @@ __device__ __forceinline__ bool weights_in_activation_dtype(const KernelParams& 
 }
 
 // Optional per-phase timestamps (LAMPORT only; lp.trace set by the profiler): block 0's phases,
-// then the latest first row reduced and the latest last store over all blocks (atomicMax).
+// then the latest first row reduced and the latest last store of all blocks (atomicMax).
 enum TracePoint {
   kTraceEntry,
   kTraceWaited,
@@ -296,11 +293,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   };
 
   Epoch e = {};
-  // This launch's row of timestamps, as an index rather than a pointer held through the kernel
-  // (the prefill kernel is at its 128-register bound).
-  const bool block_tracing = kLamport && p.lamport.trace != nullptr && threadIdx.x == 0;  // the atomicMax stamps
-  uint32_t trace_at = 0;
-  auto trace_row = [&]() { return p.lamport.trace + trace_at; };
+  uint64_t* trace = nullptr;  // this launch's row of timestamps, in block 0's first thread
   if constexpr (kLamport) {
     // one reader per block when there are several blocks; a single block reads per warp (no
     // barrier: T = 1 measured 0.1 us faster so)
@@ -308,12 +301,23 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
       e = read_epoch_per_block(p.lamport, epoch_words);
     else
       e = read_epoch(p.lamport, lane);
-    if (block_tracing) trace_at = e.epoch % static_cast<uint32_t>(p.lamport.trace_depth) * kTracePoints;
     if (tracing) {
-      trace_row()[kTraceEntry] = entered;
-      trace_row()[kTraceWaited] = waited;
+      trace = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
+      trace[kTraceEntry] = entered;
+      trace[kTraceWaited] = waited;
     }
   }
+
+  // Every block's part of the trace, in a trace build only (ARMS_TRACE_ALL_BLOCKS): raise a shared
+  // stamp to now. Compiled out otherwise: with it, T = 1-256 measured 0.06 us slower in one 2x
+  // H200 run (history/trace-H200-tp2-tail-claims-ab.json), and a version that also stamped inside the
+  // row loop made T = 16384 2 us slower.
+  auto stamp_latest = [&](TracePoint point) {
+    if (ARMS_TRACE_ALL_BLOCKS && kLamport && p.lamport.trace != nullptr && threadIdx.x == 0) {
+      uint64_t* row = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
+      atomicMax(reinterpret_cast<unsigned long long*>(row + point), static_cast<unsigned long long>(platform::timer_ns()));
+    }
+  };
 
   // Reduce a loaded row and publish its partials: send them to the peers (LAMPORT) or write
   // them to the stats tensor (STATS_OUT). Returns this rank's partials of the row.
@@ -321,16 +325,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
     float2 partial = make_float2(0.f, 0.f);
     if constexpr (kSums) {
       partial = block_partials(local_partials<D, VEC, VPT>(c, x), parity, warp_sums);
-      if (block_tracing && t == blockIdx.x) {
-        const uint64_t now = platform::timer_ns();
-        if (tracing) trace_row()[kTraceLoaded] = now;
-        atomicMax(reinterpret_cast<unsigned long long*>(trace_row() + kTraceLastLoaded), now);
-      }
+      if (trace && t == blockIdx.x) trace[kTraceLoaded] = platform::timer_ns();
     }
     if constexpr (kLamport) {
       if (threadIdx.x < platform::kWarpSize && !e.failed)
         send_partials(p.lamport, e, t, p.num_segments, partial.x, partial.y, lane);
-      if (tracing && t == blockIdx.x) trace_row()[kTraceSent] = platform::timer_ns();
+      if (trace && t == blockIdx.x) trace[kTraceSent] = platform::timer_ns();
     }
     if constexpr (MODE == ARMS_MODE_STATS_OUT) {
       if (threadIdx.x == 0) {
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
       float2 sums = partial;
       if constexpr (kLamport) {
         sums = exchanged_sums(p, e, t, partial);
-        if (tracing && t == blockIdx.x) trace_row()[kTraceArrived] = platform::timer_ns();
+        if (trace && t == blockIdx.x) trace[kTraceArrived] = platform::timer_ns();
       }
       if constexpr (MODE == ARMS_MODE_STATS_IN) {
         sums.x = p.stats[static_cast<int64_t>(t) * p.num_segments];
@@ -366,88 +366,54 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
       collect_store(x, t, partial, loaded_weight);
   };
 
-  // Software pipeline, two rows deep: `cur` holds row t, already published; `next` holds row t1,
-  // the block's next, loaded. Row t1's partials go out before we wait for row t's peers, so two
-  // exchanges are in flight, and cur's registers take the row after t1 as soon as row t is
-  // stored. Unrolled by two so the buffers stay in registers (no dynamic indexing).
+  // Software pipeline, two rows deep: `cur` holds row t, already published; `next` holds row
+  // t + gridDim.x, loaded. Row t+1's partials go out before we wait for row t's peers, so two
+  // exchanges are in flight, and cur's registers take row t+2 as soon as row t is stored.
+  // Returns the block's next row and its partials. Unrolled by two so the buffers stay in
+  // registers (no dynamic indexing).
   // With prefetch_rows = d, the row loaded is joined by an L2 request for the row d grid strides
   // further, so that load finds it in L2: DRAM stays busy while the block waits on the exchange.
-  const int grid = static_cast<int>(gridDim.x);
-  const int prefetch_stride = p.prefetch_rows > 0 ? p.prefetch_rows * grid : 0;
-
-  // The block's rows: its own, blockIdx.x + k * grid below first_claimed, then (tail claims, in
-  // the prefill kernels: VPT >= 4) rows claimed from the launch's counter (claim_tail_row, which
-  // says why that is safe). Thread 0 claims one step ahead, so the atomic's round trip overlaps a
-  // whole step; the claimed row reaches the other threads through shared memory, in the cell of
-  // the step's parity (rewritten two steps later, after the next step's barrier, which every
-  // reader of this one has passed: once a block claims, every later step claims).
-  constexpr bool kTailClaims = kLamport && VPT >= kTailClaimMinVpt;
-  __shared__ int claimed_row[2];
-  const int first_claimed = kTailClaims ? p.first_claimed : p.tokens;
-  int claim = p.tokens;  // thread 0: the claim in flight for the block's next claimed row
-  if (kTailClaims && threadIdx.x == 0 && token + 2 * grid >= first_claimed && first_claimed < p.tokens)
-    claim = claim_tail_row(p.lamport, e, first_claimed);  // the block's third row is already a claim
-  // The block's row after t1 (>= T: none). A row below first_claimed is the block's own, and so
-  // is the one before it, so own rows stride by the grid until then.
-  auto following_row = [&](int t1, int parity) {
-    const int own = t1 + grid;
-    if (!kTailClaims || own < first_claimed || first_claimed >= p.tokens) {
-      if (kTailClaims && threadIdx.x == 0 && own + grid >= first_claimed && first_claimed < p.tokens)
-        claim = claim_tail_row(p.lamport, e, first_claimed);  // for the step after this one
-      return own;
-    }
-    if (threadIdx.x == 0) claimed_row[parity] = claim;
-    __syncthreads();
-    const int row = claimed_row[parity];
-    if (threadIdx.x == 0 && row < p.tokens) claim = claim_tail_row(p.lamport, e, first_claimed);
-    return row;
-  };
-
-  // One step: publish `next` (row t1), store `cur` (row t), load the block's row after t1 into
-  // cur. Returns that row (>= T: none).
-  auto step = [&](V(&cur)[VPT], V(&next)[VPT], int t, int t1, float2 partial, int next_parity, float2& next_partial) {
+  const int prefetch_stride = p.prefetch_rows > 0 ? p.prefetch_rows * static_cast<int>(gridDim.x) : 0;
+  auto step = [&](V(&cur)[VPT], V(&next)[VPT], int t, float2 partial, int next_parity, float2& next_partial) {
+    const int t1 = t + gridDim.x;
     if (t1 < p.tokens) next_partial = reduce_publish(next, t1, next_parity);
     collect_store_row(cur, t, partial);
-    if (t1 >= p.tokens) return p.tokens;
-    const int t2 = following_row(t1, next_parity);
+    const int t2 = t1 + gridDim.x;
     if (t2 < p.tokens) {
       load_row<D, VEC, VPT>(p, c, t2, cur);
       if (prefetch_stride > 0 && threadIdx.x == 0 && t2 + prefetch_stride < p.tokens)
         prefetch_row<D, VEC>(p, t2 + prefetch_stride);
     }
-    return t2;
+    return t1;
   };
 
   if (token < p.tokens && early) {  // one row, weights already on their way
-    collect_store(xa, token, reduce_publish(xa, token, 0), fetched_weight);
+    const float2 partial = reduce_publish(xa, token, 0);
+    stamp_latest(kTraceLastLoaded);
+    collect_store(xa, token, partial, fetched_weight);
   } else if (token < p.tokens) {
     // rows 2 .. d + 1 grid strides on: the steps' own prefetches start beyond them
     if (prefetch_stride > 0 && threadIdx.x == 0)
       for (int k = 2; k < 2 + p.prefetch_rows; ++k)
-        if (token + k * grid < p.tokens) prefetch_row<D, VEC>(p, token + k * grid);
+        if (token + k * static_cast<int>(gridDim.x) < p.tokens) prefetch_row<D, VEC>(p, token + k * gridDim.x);
     float2 partial = reduce_publish(xa, token, 0);
+    stamp_latest(kTraceLastLoaded);
     // (Tried together, in one 2x H200 run: loading the second row before reducing the first,
     // and prefetching the weights into L1 before the exchange wait. T >= 256 came out 7-17%
     // slower; taken out again, though that run's floors were also ~2% slower.)
-    int t1 = token + grid;  // the row in xb
-    if (t1 < p.tokens) load_row<D, VEC, VPT>(p, c, t1, xb);
+    if (token + static_cast<int>(gridDim.x) < p.tokens) load_row<D, VEC, VPT>(p, c, token + gridDim.x, xb);
     float2 next_partial = make_float2(0.f, 0.f);
     for (;;) {
-      const int t2 = step(xa, xb, token, t1, partial, 1, next_partial);  // row t2 now in xa
-      if (t1 >= p.tokens) break;
-      const int t3 = step(xb, xa, t1, t2, next_partial, 0, partial);  // row t3 now in xb
-      if (t2 >= p.tokens) break;
-      token = t2;
-      t1 = t3;
+      token = step(xa, xb, token, partial, 1, next_partial);
+      if (token >= p.tokens) break;
+      token = step(xb, xa, token, next_partial, 0, partial);
+      if (token >= p.tokens) break;
     }
   }
 
   if constexpr (kLamport) {
-    if (block_tracing) {
-      const uint64_t now = platform::timer_ns();
-      if (tracing) trace_row()[kTraceStored] = now;
-      atomicMax(reinterpret_cast<unsigned long long*>(trace_row() + kTraceLastStored), now);
-    }
+    if (trace) trace[kTraceStored] = platform::timer_ns();
+    stamp_latest(kTraceLastStored);
     refresh_stale_packets(p.lamport, e, p.tokens, p.num_segments);
     finish_launch(p.lamport, e);
   }

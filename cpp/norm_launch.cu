@@ -77,9 +77,6 @@ struct DeviceLimits {
   // KernelParams::prewait_prefetch: 1 where it measured faster (prewait_prefetch_for), 0 never,
   // 2 on every 16-byte vector launch (ALLREDUCE_RMS_PREWAIT_PREFETCH=0/1/2, for side-by-side runs)
   int prewait_prefetch = 1;
-  // Rounds of grid rows at the end of a launch that blocks claim (KernelParams::first_claimed;
-  // ALLREDUCE_RMS_TAIL_ROUNDS=n, 0: none)
-  int tail_rounds = 1;
 };
 
 DeviceLimits device_limits(int device) {
@@ -97,7 +94,6 @@ DeviceLimits device_limits(int device) {
   limits.pdl = platform::device_supports_pdl(device);
   if (const char* env = getenv("ALLREDUCE_RMS_PDL")) limits.pdl = limits.pdl && env[0] != '0';
   if (const char* env = getenv("ALLREDUCE_RMS_PREWAIT_PREFETCH")) limits.prewait_prefetch = std::clamp(atoi(env), 0, 2);
-  if (const char* env = getenv("ALLREDUCE_RMS_TAIL_ROUNDS")) limits.tail_rounds = std::clamp(atoi(env), 0, 8);
   cache[device] = limits;
   return limits;
 }
@@ -204,7 +200,6 @@ struct Plan {
   bool early_weights = true;  // KernelParams::early_weights
   bool epoch_per_block = true;  // KernelParams::epoch_per_block
   int prewait_prefetch = 0;  // DeviceLimits::prewait_prefetch where PDL is on, else 0
-  int tail_rounds = 0;       // DeviceLimits::tail_rounds (register-resident kernel only)
   int sms = 1;
 };
 
@@ -350,7 +345,6 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   plan->coresident = blocks_per_sm(plan->fn, plan->block, a->device) * (limits.sms > 0 ? limits.sms : 1);
   plan->pdl = limits.pdl;
   plan->prewait_prefetch = limits.pdl ? limits.prewait_prefetch : 0;
-  plan->tail_rounds = limits.tail_rounds;
   plan->sms = limits.sms > 0 ? limits.sms : 1;
   plan->prefetch_rows = override_prefetch_rows >= 0 ? override_prefetch_rows : kPrefetchRows;
   plan->early_weights = override_early_weights != 0;
@@ -376,20 +370,13 @@ static int grid_for(int64_t tokens, const Plan& plan) {
 // prefetch takes whole 16-byte words, so 16-byte vector plans only; and not when every block has
 // one row and there are more than 4 rows per SM (the prefill plan in one wave): there the rows
 // are in L2 already after the previous launch, and asking again while that launch's stores drain
-// measured slower (T = 1024: 6.48 against 6.31 us, history/trace-H200-tp2-epoch-cells-ab.json),
-// while it gained 0.03-0.08 us at T = 1-256 and 3-5% with several rows per block.
+// measured slower (T = 1024 on 2x H200: 6.48 against 6.31 us, history/trace-H200-tp2-epoch-cells-ab.json;
+// 6.44 against 6.26 with this rule, history/trace-H200-tp2-tail-claims-ab.json), while it gained
+// 0.03-0.08 us at T = 1-256 and 3-5% with several rows per block.
 static bool prewait_prefetch_for(const Plan& plan, int dtype, int64_t rows, int grid) {
   if (plan.prewait_prefetch == 0 || plan.wide_row || plan.vec * element_bytes(dtype) != 16 || rows == 0) return false;
   const bool one_wave_prefill = grid >= rows && 2 * rows / plan.sms > 8;
   return plan.prewait_prefetch == 2 || !one_wave_prefill;
-}
-
-// KernelParams::first_claimed of a LAMPORT launch of `rows` rows on `grid` blocks: the last
-// tail_rounds grid's worth of rows, when every block has at least two rows of its own before them
-// (and the kernel has claims compiled in).
-static int64_t first_claimed_for(const Plan& plan, int64_t rows, int grid) {
-  const int64_t tail = plan.wide_row || plan.vpt < kTailClaimMinVpt ? 0 : static_cast<int64_t>(plan.tail_rounds) * grid;
-  return tail > 0 && rows - tail >= 2 * static_cast<int64_t>(grid) ? rows - tail : rows;
 }
 
 int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
@@ -418,7 +405,6 @@ int describe_plan(const ArmsNormArgs* a, int capacity, ArmsPlan* out) {
                        (capacity > 0 || a->mode != ARMS_MODE_STATS_OUT);
   out->epoch_per_block = capacity > 0 && !plan.wide_row && plan.epoch_per_block && out->grid > 1 ? 1 : 0;
   out->prewait_prefetch_rows = prewait_prefetch_for(plan, a->dtype, first, out->grid) ? (out->grid < first ? 2 : 1) : 0;
-  out->tail_claimed_rows = capacity > 0 ? static_cast<int32_t>(first - first_claimed_for(plan, first, out->grid)) : 0;
   return ARMS_OK;
 }
 
@@ -493,7 +479,6 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
     if (a->stats) chunk.stats = a->stats + start * groups * a->num_segments;
     const int grid = grid_for(tokens * groups, plan);  // kernel rows: every group of every token
     chunk.prewait_prefetch = prewait_prefetch_for(plan, a->dtype, tokens * groups, grid) ? 1 : 0;
-    chunk.first_claimed = static_cast<int32_t>(lamport ? first_claimed_for(plan, tokens * groups, grid) : tokens * groups);
     ARMS_RT(platform::launch(plan.fn, grid, plan.block, stream, plan.pdl, chunk), "launching the norm kernel");
   }
   return ARMS_OK;

@@ -8,8 +8,7 @@
 #                                                           needs carry: [".whl", "ab-old-src.tar"])
 #
 # A variant named old* runs the reference build; any other runs this tree's, with -pN in its name
-# setting ALLREDUCE_RMS_PREWAIT_PREFETCH=N (0 off, 2 on every launch) and -cN setting
-# ALLREDUCE_RMS_TAIL_ROUNDS=N (0: no claimed rows), e.g. "new", "new-p2", "new-c0". TESTS="tests/test_fused_gpu.py"
+# setting ALLREDUCE_RMS_PREWAIT_PREFETCH=N (0 off, 2 on every launch), e.g. "new", "new-p2". TESTS="tests/test_fused_gpu.py"
 # also runs those GPU tests on this tree's build afterwards. Writes trace-<variant>.json and
 # logs.tgz to $OUT. (history/trace-H200-tp2-epoch-cells-ab.json came from earlier versions of this
 # script; its note says what each of its variants ran.)
@@ -28,12 +27,11 @@ cd /tmp  # import the installed packages, not the source tree
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 for v in ${VARIANTS:-old new}; do
   path=/tmp/site
-  prefetch=1 rounds=1
+  prefetch=1
   case $v in old*) path=/tmp/site-old:/tmp/site;; esac
   [[ $v =~ -p([0-9]) ]] && prefetch=${BASH_REMATCH[1]}
-  [[ $v =~ -c([0-9]) ]] && rounds=${BASH_REMATCH[1]}
   echo "== $v $(date +%T)"
-  PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch ALLREDUCE_RMS_TAIL_ROUNDS=$rounds timeout 170 \
+  PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch timeout 170 \
     python3 "$repo/benchmarks/trace_kernel.py" --json "$OUT/trace-$v.json" ${TRACE_ARGS:-} 2>&1 \
     | grep -E "^T=|Error|error" | sed -E 's/, plan.*phases / /' | cut -c1-300
 done

@@ -499,9 +499,7 @@ def fused_plan(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
     strides of a block that walks several rows; 0: none), ``early_weights`` (True: each block has
     one row and fetches its weights with it, before the exchange), ``epoch_per_block`` (True: one
     thread per block, not per warp, reads the workspace's epoch), ``prewait_prefetch_rows`` (rows
-    of its own each block asks L2 for before its PDL wait: 0, 1 or 2), ``tail_claimed_rows`` (rows at
-    the end of the first launch that go to whichever block asks first; 0: every row has a fixed
-    block). For the benchmark's record and tuning: it
+    of its own each block asks L2 for before its PDL wait: 0, 1 or 2). For the benchmark's record and tuning: it
     synchronizes the device (to read the workspace's capacity), so never call it while capturing
     a CUDA graph. Raises ValueError unless ``workspace.path == "fused"`` and qkv is on its GPU.
     """
