@@ -10,8 +10,8 @@ MiniMax-M2 shapes (48 q heads, 8 kv heads, head_dim 128, bf16):
   row loaded and reduced, partials sent, peers' partials arrived, stores issued); replaying a
   graph of back-to-back calls gives the median time of each phase and the period between calls.
   A trace build (``-Ccmake.define.ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON``) also has every block raise
-  two shared stamps to its own first row reduced and last store, which adds how long after block
-  0's wait the grid's last block reduced its first row and stored its last, and how long after
+  two shared stamps to its own first row reduced and sent and its last store, which adds how long
+  after block 0's wait the grid's last block sent its first row's partials and stored its last, and how long after
   that last store the next launch passed its PDL wait;
 * sweep (``--sweep``): the graph time of every valid (warps per token, vectors per thread) plan
   at each T, next to the launcher's own choice (``--plans`` names the plans; vectors per thread
@@ -56,8 +56,9 @@ def _graph_us(ctx: Any, fn) -> Dict[str, float]:
 
 def _phases(rows: torch.Tensor) -> Dict[str, Any]:
     """Median per-phase us of traced launches (rows: [n, 8] int64 stamps, 0 = unused row): block
-    0's phases, then, from block 0's PDL wait, the latest first row reduced and the latest last
-    store of all blocks, and the gap from that last store to the next launch's PDL wait."""
+    0's phases and its PDL wait to its last store; in a trace build also, from block 0's PDL wait,
+    the grid's latest first row reduced and sent and its latest last store, and the gap from that
+    last store to the next launch's PDL wait."""
     rows = rows[rows[:, 0] > 0]
     rows = rows[torch.argsort(rows[:, 0])]
     d = lambda a, b: (rows[:, b] - rows[:, a]).double() / 1e3  # noqa: E731
@@ -65,15 +66,17 @@ def _phases(rows: torch.Tensor) -> Dict[str, Any]:
     for name, (a, b) in zip(PHASES, ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5))):
         out[name] = float(d(a, b).median())
     out["entry_to_stored"] = float(d(0, 5).median())
+    out["wait_to_stored"] = float(d(1, 5).median())
     all_blocks = bool((rows[:, 7] > 0).all())  # a trace build (ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON)
     if all_blocks:
         out["wait_to_last_block_loaded"] = float(d(1, 6).median())
         out["wait_to_last_block_stored"] = float(d(1, 7).median())
-    waited = rows[:, 1].double() / 1e3
-    if len(waited) > 2:
-        out["period_between_calls"] = float((waited[1:] - waited[:-1]).median())
+    if len(rows) > 2:
+        # differences of the int64 stamps first: a double holds a globaltimer reading (about 1.8e18
+        # ns) only to 256 ns (runs before this fix report these two in 0.25 us steps)
+        out["period_between_calls"] = float((rows[1:, 1] - rows[:-1, 1]).double().median() / 1e3)
         if all_blocks:
-            out["last_block_stored_to_next_wait"] = float((waited[1:] - rows[:-1, 7].double() / 1e3).median())
+            out["last_block_stored_to_next_wait"] = float((rows[1:, 1] - rows[:-1, 7]).double().median() / 1e3)
     out["launches_traced"] = int(len(rows))
     return out
 

@@ -145,8 +145,9 @@ typedef struct ArmsPlan {
                           * before the exchange wait (else after it) */
   int32_t epoch_per_block; /* ABI 5. 1: one thread per block reads the workspace epoch (else one
                             * per warp) */
-  int32_t prewait_prefetch_rows; /* ABI 6. rows of its own a block asks L2 for before the PDL wait
-                                  * (ALLREDUCE_RMS_PREWAIT_PREFETCH=0: none) */
+  int32_t prewait_prefetch_rows; /* ABI 6. rows of its own a block asks L2 for before the PDL wait:
+                                  * 0 with ALLREDUCE_RMS_PREWAIT_PREFETCH=0, and by default when every
+                                  * block has one row and there are more than 4 rows per SM */
 } ArmsPlan;
 
 /* Floor probes (floor_launch): what a launch costs with nothing in it, and with the smallest
@@ -193,11 +194,12 @@ typedef struct ArmsBackendApi {
   /* Profiling: block 0 of every fused launch writes 6 globaltimer stamps (entry, after the PDL
    * wait, first row loaded and reduced, its partials sent, its peers' partials arrived, all stores
    * issued) to the first 6 of the ARMS_TRACE_POINTS words at trace[(call % depth) *
-   * ARMS_TRACE_POINTS]. In a trace build (CMake ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON) every block
-   * also raises words 6 and 7 (atomicMax) to its own first-row and all-stores stamps, so they end
-   * as the latest of all blocks (zero the trace first; a row reused by a later launch takes that
-   * launch's later stamps); otherwise they stay as they were. trace = NULL turns it off. trace is
-   * device memory of depth * ARMS_TRACE_POINTS uint64. */
+   * ARMS_TRACE_POINTS]. In a trace build (CMake ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON) every block of
+   * the register-resident kernel also raises words 6 and 7 (atomicMax) to its own stamps of its
+   * first row reduced and sent and of its last store, so they end as the latest of all blocks
+   * (zero the trace first; a row reused by a later launch takes that launch's later stamps; the
+   * wide-row kernel leaves them as they were). trace = NULL turns it off. trace is device memory
+   * of depth * ARMS_TRACE_POINTS uint64. */
   int (*workspace_trace)(ArmsWorkspace* ws, uint64_t* trace, int depth);
   /* One floor-probe launch (ArmsFloorKind) on stream, on the workspace's device and peers. */
   int (*floor_launch)(ArmsWorkspace* ws, int kind, void* stream);

@@ -60,7 +60,7 @@ struct LamportParams {
   uint64_t* buffers[ARMS_MAX_RANKS];  // buffers[r]: rank r's packets as mapped here; [rank] is own
   ControlBlock* ctrl;
   ArmsFault* fault;  // host-mapped, so the host reads it without synchronizing the device
-  uint64_t* trace;   // optional [trace_depth][kTracePoints] timestamps of block 0 (profiling)
+  uint64_t* trace;   // optional [trace_depth][kTracePoints] timestamps, of block 0 (and in a trace build of every block: norm_kernel)
   int32_t trace_depth;
   int32_t rank;
   int32_t nranks;

@@ -241,7 +241,8 @@ class NativeWorkspace {
   }
 
   // Profiling: block 0 of every later fused launch writes its phase timestamps into `trace`
-  // (device memory of depth * TRACE_POINTS int64); trace = 0 turns it off.
+  // (device memory of depth * TRACE_POINTS int64; in a trace build every block also raises words
+  // 6 and 7: backend_api.h); trace = 0 turns it off.
   void set_trace(uintptr_t trace, int depth) {
     check(*api_, api_->workspace_trace(live(), reinterpret_cast<uint64_t*>(trace), depth));
   }

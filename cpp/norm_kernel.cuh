@@ -204,7 +204,8 @@ __device__ __forceinline__ bool weights_in_activation_dtype(const KernelParams& 
 }
 
 // Optional per-phase timestamps (LAMPORT only; lp.trace set by the profiler): block 0's phases,
-// then the latest first row reduced and the latest last store of all blocks (atomicMax).
+// then, in a trace build, the latest first row reduced and sent and the latest last store of all
+// blocks (atomicMax).
 enum TracePoint {
   kTraceEntry,
   kTraceWaited,
@@ -215,6 +216,7 @@ enum TracePoint {
   kTraceLastLoaded,
   kTraceLastStored
 };
+static_assert(kTraceLastStored < kTracePoints, "the trace row holds every point");
 
 template <class D, int VEC, int VPT, int MODE>
 __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelParams p) {
@@ -309,13 +311,16 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   }
 
   // Every block's part of the trace, in a trace build only (ARMS_TRACE_ALL_BLOCKS): raise a shared
-  // stamp to now. Compiled out otherwise: with it, T = 1-256 measured 0.06 us slower in one 2x
-  // H200 run (history/trace-H200-tp2-tail-claims-ab.json), and a version that also stamped inside the
-  // row loop made T = 16384 2 us slower.
+  // stamp to now. Compiled out otherwise: with it, T = 1-256 measured 0.06-0.08 us slower in one
+  // 2x H200 run (history/trace-H200-tp2-tail-claims-ab.json, run 4). (A build with stamps inside
+  // the row loop and a claim counter in the control block was 2 us slower at T = 16384, run 2's
+  // v3; which of the two cost it was not isolated.)
   auto stamp_latest = [&](TracePoint point) {
-    if (ARMS_TRACE_ALL_BLOCKS && kLamport && p.lamport.trace != nullptr && threadIdx.x == 0) {
-      uint64_t* row = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
-      atomicMax(reinterpret_cast<unsigned long long*>(row + point), static_cast<unsigned long long>(platform::timer_ns()));
+    if constexpr (ARMS_TRACE_ALL_BLOCKS && kLamport) {
+      if (p.lamport.trace != nullptr && threadIdx.x == 0) {
+        uint64_t* row = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
+        atomicMax(reinterpret_cast<unsigned long long*>(row + point), static_cast<unsigned long long>(platform::timer_ns()));
+      }
     }
   };
 

@@ -93,7 +93,8 @@ DeviceLimits device_limits(int device) {
   }
   limits.pdl = platform::device_supports_pdl(device);
   if (const char* env = getenv("ALLREDUCE_RMS_PDL")) limits.pdl = limits.pdl && env[0] != '0';
-  if (const char* env = getenv("ALLREDUCE_RMS_PREWAIT_PREFETCH")) limits.prewait_prefetch = std::clamp(atoi(env), 0, 2);
+  if (const char* env = getenv("ALLREDUCE_RMS_PREWAIT_PREFETCH"))  // 0, 1 or 2; anything else: 1
+    if (env[0] >= '0' && env[0] <= '2' && env[1] == '\0') limits.prewait_prefetch = env[0] - '0';
   cache[device] = limits;
   return limits;
 }
@@ -200,7 +201,7 @@ struct Plan {
   bool early_weights = true;  // KernelParams::early_weights
   bool epoch_per_block = true;  // KernelParams::epoch_per_block
   int prewait_prefetch = 0;  // DeviceLimits::prewait_prefetch where PDL is on, else 0
-  int sms = 1;
+  int sms = 1;               // the device's SMs (prewait_prefetch_for's rows per SM)
 };
 
 }  // namespace
@@ -368,11 +369,13 @@ static int grid_for(int64_t tokens, const Plan& plan) {
 
 // KernelParams::prewait_prefetch of a launch of `rows` rows on `grid` blocks. prefetch_row's bulk
 // prefetch takes whole 16-byte words, so 16-byte vector plans only; and not when every block has
-// one row and there are more than 4 rows per SM (the prefill plan in one wave): there the rows
-// are in L2 already after the previous launch, and asking again while that launch's stores drain
-// measured slower (T = 1024 on 2x H200: 6.48 against 6.31 us, history/trace-H200-tp2-epoch-cells-ab.json;
-// 6.44 against 6.26 with this rule, history/trace-H200-tp2-tail-claims-ab.json), while it gained
-// 0.03-0.08 us at T = 1-256 and 3-5% with several rows per block.
+// one row and there are more than 4 rows per SM (the prefill plan in one wave): asking L2 while
+// the previous launch's stores drain measured slower there (T = 1024 on 2x H200, TP2, 2-warp
+// blocks: 6.48 against 6.31 us, history/trace-H200-tp2-epoch-cells-ab.json; 6.44 against 6.27
+// with this rule, history/trace-H200-tp2-tail-claims-ab.json), while it gained 0.03-0.08 us at
+// T = 1-256 and 3-5% with several rows per block. Those runs replay one input, whose rows are in
+// L2 after the previous launch; the later chunks of a call above the workspace capacity, whose
+// rows no launch has touched, follow the same rule unmeasured.
 static bool prewait_prefetch_for(const Plan& plan, int dtype, int64_t rows, int grid) {
   if (plan.prewait_prefetch == 0 || plan.wide_row || plan.vec * element_bytes(dtype) != 16 || rows == 0) return false;
   const bool one_wave_prefill = grid >= rows && 2 * rows / plan.sms > 8;

@@ -9,9 +9,10 @@
 #
 # A variant named old* runs the reference build; any other runs this tree's, with -pN in its name
 # setting ALLREDUCE_RMS_PREWAIT_PREFETCH=N (0 off, 2 on every launch), e.g. "new", "new-p2". TESTS="tests/test_fused_gpu.py"
-# also runs those GPU tests on this tree's build afterwards. Writes trace-<variant>.json and
-# logs.tgz to $OUT. (history/trace-H200-tp2-epoch-cells-ab.json came from earlier versions of this
-# script; its note says what each of its variants ran.)
+# also runs those GPU tests on this tree's build afterwards; TRACE_ALL_BLOCKS=ON makes this tree's
+# build a trace build (gpu_run.sh). Writes trace-<variant>.json and logs.tgz to $OUT.
+# (history/trace-H200-tp2-epoch-cells-ab.json and trace-H200-tp2-tail-claims-ab.json came from
+# earlier versions of this script, with other knobs; their notes say what each variant ran.)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
@@ -29,6 +30,7 @@ for v in ${VARIANTS:-old new}; do
   path=/tmp/site
   prefetch=1
   case $v in old*) path=/tmp/site-old:/tmp/site;; esac
+  [[ $v =~ ^(old|new)[0-9]*(-p[012])?$ ]] || { echo "variant $v: expected old*, new* or new*-pN"; exit 2; }
   [[ $v =~ -p([0-9]) ]] && prefetch=${BASH_REMATCH[1]}
   echo "== $v $(date +%T)"
   PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch timeout 170 \

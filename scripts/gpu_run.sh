@@ -12,6 +12,8 @@
 #   PYTEST_K="hot_path or torch_integration"  (a pytest -k expression for the tests stage; PYTEST_ARGS
 #                            is split on spaces, so an expression with spaces goes here)
 #   ARCHS=90a  (CUDA architectures to build; default 90a to keep the build short)
+#   TRACE_ALL_BLOCKS=ON  (the build stage makes a trace build: every block stamps the trace stage's
+#                         trace; a small cost per call, so not for the bench stage)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-run-out}
 STAGES=${STAGES:-"build tests bench reliability"}
@@ -35,7 +37,8 @@ if has build; then
   log "building (CUDA archs $ARCHS)"
   start=$SECONDS
   if ! python3 -m pip install --no-build-isolation --no-deps --no-index -v . \
-      -Ccmake.define.ALLREDUCE_RMS_CUDA_ARCHS="$ARCHS" > "$OUT/build.log" 2>&1; then
+      -Ccmake.define.ALLREDUCE_RMS_CUDA_ARCHS="$ARCHS" \
+      -Ccmake.define.ALLREDUCE_RMS_TRACE_ALL_BLOCKS="${TRACE_ALL_BLOCKS:-OFF}" > "$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"; log "BUILD FAILED"; exit 1
   fi
   log "built in $((SECONDS - start)) s"

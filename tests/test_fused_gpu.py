@@ -311,9 +311,16 @@ def _chained_in_place_worker(rank, world):
     ws = allreduce_rms.Workspace(max_tokens=4096, timeout_ms=20_000)
     assert ws.path == "fused", ws.reason
     links, mismatches, plans = 6, [], []
-    # one row per block, about two, several, and two chunks (1000 tokens, one row per block in the
-    # prefill plan, take no pre-wait prefetch: norm_launch.cu's prewait_prefetch_for)
-    for tokens in (1, 2000, 4096, 4099):
+    # The prefill plan's grid on this machine and TP (co-resident blocks, at most 2048).
+    probe = _problem(900, 4096, 6144, 1024, torch.bfloat16, world, rank, dev)
+    grid = fused_plan(*probe[:5], ws)["grid"]
+    # No pre-wait prefetch where every block has one row and there are more than 4 rows per SM
+    # (norm_launch.cu's prewait_prefetch_for): 1000 rows on 1000 blocks; 200 rows keep it.
+    rule = {t: fused_plan(*_problem(900 + t, t, 6144, 1024, torch.bfloat16, world, rank, dev)[:5], ws)
+            for t in (200, 1000)}
+    rule = {t: (p["grid"], p["prewait_prefetch_rows"]) for t, p in rule.items()}
+    # one row per block, about two, several (4096 is at least two per block), and two chunks
+    for tokens in (1, 2 * grid - 1, 4096, 4099):
         qkv0, qw, kw, qs, ks, _, _ = _problem(900 + tokens, tokens, 6144, 1024, torch.bfloat16, world, rank, dev)
         plan = fused_plan(qkv0, qw, kw, qs, ks, ws)
         plans.append((tokens, plan["pdl"], plan["prewait_prefetch_rows"]))
@@ -345,7 +352,9 @@ def _chained_in_place_worker(rank, world):
             if not torch.equal(got, expected):
                 mismatches.append((tokens, name, int((got != expected).sum())))
     ws.close()
-    return {"mismatches": mismatches, "plans": plans, "sm90": torch.cuda.get_device_capability(dev) >= (9, 0)}
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    return {"mismatches": mismatches, "plans": plans, "rule": rule, "sms": sms,
+            "sm90": torch.cuda.get_device_capability(dev) >= (9, 0)}
 
 
 def test_chained_in_place_calls_read_what_the_previous_call_wrote():
@@ -354,6 +363,11 @@ def test_chained_in_place_calls_read_what_the_previous_call_wrote():
         if r["sm90"] and os.environ.get("ALLREDUCE_RMS_PDL", "1") != "0":
             # the case under test exists: PDL on, and rows asked of L2 before the PDL wait
             assert all(pdl and rows > 0 for _, pdl, rows in r["plans"]), r
+            if os.environ.get("ALLREDUCE_RMS_PREWAIT_PREFETCH", "1") == "1":
+                (grid200, rows200), (grid1000, rows1000) = r["rule"][200], r["rule"][1000]
+                assert rows200 == 1, r["rule"]  # one row per block, under 4 per SM: prefetched
+                if grid1000 == 1000 and 2 * 1000 // r["sms"] > 8:  # one wave of the prefill plan
+                    assert rows1000 == 0, r["rule"]
 
 
 def _peer_skips_worker(rank, world):
