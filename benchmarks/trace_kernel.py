@@ -134,6 +134,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                   flush=True)
     gathered: List[Any] = [None] * world
     out["runs"] = results
+    # a trace build (ALLREDUCE_RMS_TRACE_ALL_BLOCKS=ON) is seen by its all-block stamps; its graph
+    # times carry their small cost (README, Results)
+    out["trace_build"] = any("wait_to_last_block_stored" in e["trace_rank_us"] for e in results)
     dist.all_gather_object(gathered, results)
     out["per_rank"] = [[{"T": e["T"], "trace_rank_us": e["trace_rank_us"]} for e in r] for r in gathered]
     ws.close()
