@@ -133,6 +133,11 @@ __device__ inline Epoch read_epoch_per_block(const LamportParams& lp, uint32_t (
   return make_epoch(shared_words[0], shared_words[1]);
 }
 
+// This launch's row of the profiler's trace (lp.trace non-null): [kTracePoints] stamps.
+__device__ __forceinline__ uint64_t* trace_row(const LamportParams& lp, const Epoch& e) {
+  return lp.trace + static_cast<int64_t>(e.epoch % lp.trace_depth) * kTracePoints;
+}
+
 __device__ __forceinline__ int64_t packet_index(const LamportParams& lp, uint32_t slot, int source, int token) {
   return (static_cast<int64_t>(slot) * lp.nranks + source) * lp.capacity * kPacketsPerToken +
          static_cast<int64_t>(token) * kPacketsPerToken;

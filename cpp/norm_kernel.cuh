@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
     else
       e = read_epoch(p.lamport, lane);
     if (tracing) {
-      trace = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
+      trace = trace_row(p.lamport, e);
       trace[kTraceEntry] = entered;
       trace[kTraceWaited] = waited;
     }
@@ -318,8 +318,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) norm_kernel(const KernelPara
   auto stamp_latest = [&](TracePoint point) {
     if constexpr (ARMS_TRACE_ALL_BLOCKS && kLamport) {
       if (p.lamport.trace != nullptr && threadIdx.x == 0) {
-        uint64_t* row = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
-        atomicMax(reinterpret_cast<unsigned long long*>(row + point), static_cast<unsigned long long>(platform::timer_ns()));
+        atomicMax(reinterpret_cast<unsigned long long*>(trace_row(p.lamport, e) + point),
+                  static_cast<unsigned long long>(platform::timer_ns()));
       }
     }
   };

@@ -155,6 +155,11 @@ int pow2_ceil(int64_t v) {
 //   for the row one grid stride beyond the one it loads (same sweep: T=16384 73.8 us against
 //   77.8 without the prefetch and 85.2 two strides ahead; T=4096 and 8192 within 4%).
 // Never more warps than the row has 32-vector columns for.
+// Tokens (rows) per SM, times two: the band choose_shape picks a plan by (<= 8: decode plans,
+// > 8: the prefill plan), and prewait_prefetch_for's one-wave prefill test.
+int64_t rows_per_sm_x2(int64_t rows, int sms) { return 2 * rows / std::max(1, sms); }
+constexpr int64_t kDecodeBandX2 = 8;
+
 struct Shape {
   int warps;
   int vpt;
@@ -165,8 +170,8 @@ Shape choose_shape(int64_t row_vecs, int64_t tokens, bool wide, int sms) {
   const int warp = platform::kWarpSize;
   const int max_warps = kMaxBlockThreads / warp;
   const int useful = std::min(max_warps, pow2_ceil((row_vecs + warp - 1) / warp));
-  const int64_t per_sm_x2 = 2 * tokens / std::max(1, sms);  // tokens per SM, times two
-  if (wide && per_sm_x2 >= 1 && per_sm_x2 <= 8) {
+  const int64_t per_sm_x2 = rows_per_sm_x2(tokens, sms);
+  if (wide && per_sm_x2 >= 1 && per_sm_x2 <= kDecodeBandX2) {
     // 4 vectors per thread with 4 warps (fewer if the row has fewer 32-vector columns): a row
     // wider than 512 vectors gets more warps, not 8 vectors per thread (only the MiniMax row was
     // measured in this band, where 8 warps x 4 had been the plan)
@@ -174,8 +179,8 @@ Shape choose_shape(int64_t row_vecs, int64_t tokens, bool wide, int sms) {
     while (w < max_warps && static_cast<int64_t>(w) * warp * 4 < row_vecs) w *= 2;
     if (static_cast<int64_t>(w) * warp * 4 >= row_vecs) return {w, 4, 1};
   }
-  int warps = per_sm_x2 == 0 ? useful : (per_sm_x2 <= 8 ? std::min(useful, 4) : 1);
-  const int min_vpt = per_sm_x2 >= 1 && per_sm_x2 <= 8 ? 4 : (per_sm_x2 > 8 ? kMaxVpt : 1);
+  int warps = per_sm_x2 == 0 ? useful : (per_sm_x2 <= kDecodeBandX2 ? std::min(useful, 4) : 1);
+  const int min_vpt = per_sm_x2 >= 1 && per_sm_x2 <= kDecodeBandX2 ? 4 : (per_sm_x2 > kDecodeBandX2 ? kMaxVpt : 1);
   if (!wide) {
     while (warps < max_warps && static_cast<int64_t>(warps) * warp * kScalarVpt < row_vecs) warps *= 2;
     return {warps, kScalarVpt, 1};
@@ -378,7 +383,7 @@ static int grid_for(int64_t tokens, const Plan& plan) {
 // rows no launch has touched, follow the same rule unmeasured.
 static bool prewait_prefetch_for(const Plan& plan, int dtype, int64_t rows, int grid) {
   if (plan.prewait_prefetch == 0 || plan.wide_row || plan.vec * element_bytes(dtype) != 16 || rows == 0) return false;
-  const bool one_wave_prefill = grid >= rows && 2 * rows / plan.sms > 8;
+  const bool one_wave_prefill = grid >= rows && rows_per_sm_x2(rows, plan.sms) > kDecodeBandX2;
   return plan.prewait_prefetch == 2 || !one_wave_prefill;
 }
 

@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kWideRowThreads, 2) wide_row_kernel(const Kern
   if constexpr (kLamport) {
     e = read_epoch(p.lamport, lane);  // every warp reads its block's cell
     if (tracing) {
-      trace = p.lamport.trace + static_cast<int64_t>(e.epoch % p.lamport.trace_depth) * kTracePoints;
+      trace = trace_row(p.lamport, e);
       trace[kTraceEntry] = entered;
       trace[kTraceWaited] = waited;
     }

@@ -195,9 +195,8 @@ int fused_norm(ArmsWorkspace* ws, const ArmsNormArgs* args) {
   if (ws->fault_host->failed) {
     const volatile ArmsFault* f = ws->fault_host;
     const char* op = f->op == ARMS_OP_QK_NORM ? "qk_norm" : "rms_norm";
-    const std::string waiting_for = "rank " + std::to_string(f->peer);
     return fail(ARMS_PEER_TIMEOUT, std::string(op) + " on rank " + std::to_string(f->rank) + " timed out after " +
-                                       std::to_string(ws->timeout_ns / 1000000) + " ms waiting for " + waiting_for +
+                                       std::to_string(ws->timeout_ns / 1000000) + " ms waiting for rank " + std::to_string(f->peer) +
                                        " in call #" + std::to_string(f->epoch) +
                                        " on this workspace (" + std::to_string(f->tokens) +
                                        " tokens); the workspace is unusable, create a new one");
