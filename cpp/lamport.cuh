@@ -179,8 +179,7 @@ __device__ inline void send_partials(const LamportParams& lp, const Epoch& e, in
 // The clock and the shared failure word are read every 32 polls only: each is a round trip that
 // would otherwise delay noticing the peer's write.
 __device__ inline float2 receive_partials(const LamportParams& lp, const Epoch& e, int token, int tokens, int nseg,
-                                          float p0, float p1, int lane, bool preloaded = false, uint64_t pre_a = 0,
-                                          uint64_t pre_b = 0) {
+                                          float p0, float p1, int lane) {
   if (lane >= lp.nranks) return make_float2(0.f, 0.f);
   if (lane == lp.rank) return make_float2(p0, p1);
   if (e.failed) return make_float2(quiet_nan(), quiet_nan());
@@ -194,10 +193,7 @@ __device__ inline float2 receive_partials(const LamportParams& lp, const Epoch& 
     platform::load_relaxed_sys_u64x2(cell, a, b);
     return packet_flag(a) == e.flag && packet_flag(b) == e.flag;
   };
-  if (preloaded && packet_flag(pre_a) == e.flag && (nseg == 1 || packet_flag(pre_b) == e.flag)) {
-    a = pre_a;
-    b = pre_b;
-  } else if (!arrived()) {
+  if (!arrived()) {
     const uint64_t start = platform::timer_ns();
     for (uint32_t polls = 1; !arrived(); ++polls) {
       if (polls % 32 != 0) continue;

@@ -68,9 +68,6 @@ struct KernelParams {
   int32_t epoch_per_block;  // 1: one thread per block reads the epoch (read_epoch_per_block), else one per warp
   int32_t prewait_prefetch;  // 1: before the PDL wait, a block asks L2 for its first two rows (16-byte
                              // vector plans, sm_90); see norm_kernel
-  int32_t ring_rows;  // ring_kernel only: row buffers of a block's ring in shared memory
-  int32_t ring_lag;   // ring_kernel only: rows a block holds for the exchange (< ring_rows - 1)
-  int32_t ring_debug;  // (experiment) bit 0: no poll; bit 1: poll one step ahead
   LamportParams lamport;
 };
 
@@ -152,8 +149,10 @@ __device__ __forceinline__ float2 block_partials(float2 v, int parity, float2 (*
   return v;
 }
 
-// The full-row sums of squares from every rank's partials (v: rank r's in lane r), added in rank order.
-__device__ __forceinline__ float2 sum_in_rank_order(const KernelParams& p, float2 v) {
+// The full-row sums of squares of `token`, from every rank's partials, added in rank order.
+__device__ __forceinline__ float2 exchanged_sums(const KernelParams& p, const Epoch& e, int token, float2 partial) {
+  const int lane = threadIdx.x % platform::kWarpSize;
+  const float2 v = receive_partials(p.lamport, e, token, p.tokens, p.num_segments, partial.x, partial.y, lane);
   float2 total = make_float2(0.f, 0.f);
   // every rank of the group (all ranks, or the rank_group of a normalization group that covers
   // whole ranks) adds the same values in this order
@@ -162,12 +161,6 @@ __device__ __forceinline__ float2 sum_in_rank_order(const KernelParams& p, float
     total.y += platform::warp_shfl(v.y, r);
   }
   return total;
-}
-
-// The full-row sums of squares of `token`, from every rank's partials, added in rank order.
-__device__ __forceinline__ float2 exchanged_sums(const KernelParams& p, const Epoch& e, int token, float2 partial) {
-  const int lane = threadIdx.x % platform::kWarpSize;
-  return sum_in_rank_order(p, receive_partials(p.lamport, e, token, p.tokens, p.num_segments, partial.x, partial.y, lane));
 }
 
 // weight_of(i, g, w) fills w with the weights of this thread's vector i (segment g): from

@@ -3,7 +3,6 @@
 // blocks, splits token counts above the workspace capacity into chunks, and launches with PDL
 // where supported. Rows the register-resident norm_kernel cannot hold go to wide_row_kernel.
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -12,7 +11,6 @@
 
 #include "backend_internal.h"
 #include "norm_kernel.cuh"
-#include "ring_kernel.cuh"
 #include "wide_row_kernel.cuh"
 
 namespace arms {
@@ -60,17 +58,6 @@ KernelFn wide_row_kernel_for(int mode) {
   }
 }
 
-#if defined(ARMS_HAS_BULK_COPY)
-template <class D>
-KernelFn ring_kernel_for(int vpt) {
-  switch (vpt) {
-    case 1: return ring_kernel<D, 1>;
-    case 2: return ring_kernel<D, 2>;
-    default: return ring_kernel<D, 4>;
-  }
-}
-#endif
-
 // vectors_per_thread of a wide-row plan, in set_plan_override (forces that kernel) and in the
 // plan a launcher reports: it has no fixed vectors per thread.
 constexpr int kWideRowVpt = -1;
@@ -90,15 +77,6 @@ struct DeviceLimits {
   // KernelParams::prewait_prefetch: 1 where it measured faster (prewait_prefetch_for), 0 never,
   // 2 on every 16-byte vector launch (ALLREDUCE_RMS_PREWAIT_PREFETCH=0/1/2, for side-by-side runs)
   int prewait_prefetch = 1;
-  int device = 0;
-  // The ring kernel (ring_kernel.cuh): usable here (sm_90 bulk copies), wanted (ALLREDUCE_RMS_RING,
-  // "0" off), and its shape (ALLREDUCE_RMS_RING="warps,blocks_per_sm,ring_rows,lag" for
-  // side-by-side runs; 0 or absent fields: automatic).
-  bool bulk_copy = false;
-  bool ring = true;
-  int ring_warps = 0, ring_blocks_per_sm = 0, ring_rows = 0, ring_lag = -1, ring_debug = 0;
-  int shared_per_sm = 0;         // bytes of shared memory per SM
-  int shared_per_block_max = 0;  // bytes of dynamic shared memory one block may opt in to
 };
 
 DeviceLimits device_limits(int device) {
@@ -108,7 +86,6 @@ DeviceLimits device_limits(int device) {
   auto it = cache.find(device);
   if (it != cache.end()) return it->second;
   DeviceLimits limits;
-  limits.device = device;
   cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device);
   if (cudaDeviceGetAttribute(&limits.l2_bytes, cudaDevAttrL2CacheSize, device) != platform::kSuccess) {
     (void)cudaGetLastError();  // clear it: no L2 size only means no L2 clamp of the wide-row grid
@@ -118,54 +95,31 @@ DeviceLimits device_limits(int device) {
   if (const char* env = getenv("ALLREDUCE_RMS_PDL")) limits.pdl = limits.pdl && env[0] != '0';
   if (const char* env = getenv("ALLREDUCE_RMS_PREWAIT_PREFETCH"))  // 0, 1 or 2; anything else: 1
     if (env[0] >= '0' && env[0] <= '2' && env[1] == '\0') limits.prewait_prefetch = env[0] - '0';
-#if defined(ARMS_HAS_BULK_COPY)
-  limits.bulk_copy = platform::device_supports_bulk_copy(device);
-  if (cudaDeviceGetAttribute(&limits.shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
-          platform::kSuccess ||
-      cudaDeviceGetAttribute(&limits.shared_per_block_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          platform::kSuccess) {
-    (void)cudaGetLastError();
-    limits.bulk_copy = false;
-  }
-#endif
-  if (const char* env = getenv("ALLREDUCE_RMS_RING")) {
-    limits.ring = env[0] != '0' || env[1] != '\0';
-    int fields[5] = {0, 0, 0, -1, 0};
-    int n = sscanf(env, "%d,%d,%d,%d,%d", &fields[0], &fields[1], &fields[2], &fields[3], &fields[4]);
-    limits.ring_debug = n >= 5 ? fields[4] : 0;
-    if (n >= 2) {
-      limits.ring_warps = fields[0];
-      limits.ring_blocks_per_sm = fields[1];
-      limits.ring_rows = n >= 3 ? fields[2] : 0;
-      limits.ring_lag = n >= 4 ? fields[3] : -1;
-    }
-  }
   cache[device] = limits;
   return limits;
 }
 
 // Blocks of `fn` at `block` threads that fit on one SM at once (cached: the query is slow, and
 // this runs on every launch).
-int blocks_per_sm(KernelFn fn, int block, int device, int shared_bytes = 0) {
+int blocks_per_sm(KernelFn fn, int block, int device) {
   struct Entry {
     KernelFn fn;
     int block;
     int device;
-    int shared_bytes;
     int blocks;
   };
   static std::mutex mutex;
   static std::vector<Entry> cache;
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : cache)
-    if (e.fn == fn && e.block == block && e.device == device && e.shared_bytes == shared_bytes) return e.blocks;
+    if (e.fn == fn && e.block == block && e.device == device) return e.blocks;
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, block, shared_bytes) != platform::kSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, block, 0) != platform::kSuccess) {
     cudaGetLastError();
     n = 1;
   }
   if (n < 1) n = 1;
-  cache.push_back({fn, block, device, shared_bytes, n});
+  cache.push_back({fn, block, device, n});
   return n;
 }
 
@@ -253,11 +207,6 @@ struct Plan {
   bool epoch_per_block = true;  // KernelParams::epoch_per_block
   int prewait_prefetch = 0;  // DeviceLimits::prewait_prefetch where PDL is on, else 0
   int sms = 1;               // the device's SMs (prewait_prefetch_for's rows per SM)
-  bool ring = false;         // ring_kernel: rows staged in shared memory (ring_plan)
-  int ring_rows = 0;         // KernelParams::ring_rows / ring_lag
-  int ring_lag = 0;
-  int ring_debug = 0;
-  int shared_bytes = 0;      // dynamic shared memory per block
 };
 
 }  // namespace
@@ -345,65 +294,6 @@ static int check_variant(const ArmsSegment& g, int mode) {
   return ARMS_OK;
 }
 
-// The ring kernel's plan (ring_kernel.cuh), where it applies: fused launches (LAMPORT) of rows in
-// 16-byte vectors, in the prefill band (more than 4 rows per SM), on a device with bulk copies,
-// with no plan override (those are for norm_kernel's sweeps). Returns false to keep plan as is.
-// Shape: `warps` warps per block (8 unless set), the fewest 16-byte vectors per thread that cover
-// the row (at most kRingMaxVpt), blocks_per_sm blocks on each SM (2 unless set), each with as
-// many row buffers as its share of the SM's shared memory holds (at most kRingMaxRows), and lag
-// rows held for the exchange (2 unless set, at most ring_rows - 2).
-static bool ring_plan(int mode, int dtype, int64_t row_vecs, int64_t tokens, const DeviceLimits& limits, Plan* plan) {
-#if defined(ARMS_HAS_BULK_COPY)
-  if (mode != ARMS_MODE_LAMPORT || !limits.bulk_copy || !limits.ring || plan->vec * element_bytes(dtype) != 16) return false;
-  if (override_warps > 0 || override_vpt != 0 || override_tokens_per_block > 0) return false;
-  if (rows_per_sm_x2(tokens, limits.sms) <= kDecodeBandX2) return false;
-  const int warp = platform::kWarpSize;
-  const int max_warps = kMaxBlockThreads / warp;
-  int warps = limits.ring_warps > 0 ? std::min(limits.ring_warps, max_warps) : 8;
-  warps = std::min(warps, pow2_ceil((row_vecs + warp - 1) / warp));
-  while (warps < max_warps && static_cast<int64_t>(warps) * warp * kRingMaxVpt < row_vecs) warps *= 2;
-  int vpt = 1;
-  while (vpt < kRingMaxVpt && static_cast<int64_t>(warps) * warp * vpt < row_vecs) vpt *= 2;
-  if (static_cast<int64_t>(warps) * warp * vpt < row_vecs) return false;
-  const int per_sm = limits.ring_blocks_per_sm > 0 ? limits.ring_blocks_per_sm : 2;
-  // the SM's shared memory, less 1 KiB the runtime reserves per block and the kernel's static
-  // arrays (own_partials, warp_sums, epoch words: under 5 KiB)
-  const int64_t budget = std::min<int64_t>(limits.shared_per_block_max, limits.shared_per_sm / per_sm - 1024) -
-                         5 * 1024 - ring_header_bytes();
-  const int64_t row_bytes = row_vecs * 16;
-  int rows = static_cast<int>(std::min<int64_t>(kRingMaxRows, budget / row_bytes));
-  if (limits.ring_rows > 0) rows = std::min(rows, limits.ring_rows);
-  if (rows < 2) return false;
-  int lag = limits.ring_lag >= 0 ? limits.ring_lag : 2;
-  lag = std::min(lag, rows - 2);
-  KernelFn fn = dtype == ARMS_F32 ? ring_kernel_for<F32>(vpt)
-              : dtype == ARMS_F16 ? ring_kernel_for<F16>(vpt)
-                                  : ring_kernel_for<BF16>(vpt);
-  const int shared_bytes = ring_shared_bytes(rows, static_cast<int>(row_vecs));
-  if (platform::allow_shared_bytes(fn, shared_bytes) != platform::kSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  plan->fn = fn;
-  plan->ring = true;
-  plan->ring_rows = rows;
-  plan->ring_lag = lag;
-  plan->ring_debug = limits.ring_debug;
-  plan->shared_bytes = shared_bytes;
-  plan->block = warps * warp;
-  plan->vpt = vpt;
-  plan->tokens_per_block = 1;
-  plan->coresident = blocks_per_sm(fn, plan->block, limits.device, shared_bytes) * std::max(1, limits.sms);
-  plan->prefetch_rows = 0;
-  plan->early_weights = false;
-  plan->prewait_prefetch = 0;
-  return true;
-#else
-  (void)mode, (void)dtype, (void)row_vecs, (void)tokens, (void)limits, (void)plan;
-  return false;
-#endif
-}
-
 // Validate args and pick the launch plan for launches of at most `chunk` tokens.
 static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan) {
   if (a->num_segments < 1 || a->num_segments > ARMS_MAX_SEGMENTS)
@@ -465,7 +355,6 @@ static int make_plan(const ArmsNormArgs* a, int mode, int64_t chunk, Plan* plan)
   plan->prefetch_rows = override_prefetch_rows >= 0 ? override_prefetch_rows : kPrefetchRows;
   plan->early_weights = override_early_weights != 0;
   plan->epoch_per_block = override_epoch_per_block != 0;
-  ring_plan(mode, a->dtype, row_vecs, std::min<int64_t>(a->tokens, chunk), limits, plan);
   return ARMS_OK;
 }
 
@@ -572,9 +461,6 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
   p.prefetch_rows = plan.prefetch_rows;
   p.early_weights = plan.early_weights ? 1 : 0;
   p.epoch_per_block = plan.epoch_per_block ? 1 : 0;
-  p.ring_rows = plan.ring_rows;
-  p.ring_lag = plan.ring_lag;
-  p.ring_debug = plan.ring_debug;
   if (lamport) {
     p.lamport = *lamport;
     if (a->rank_group > 0) {
@@ -601,13 +487,6 @@ int launch_norm(const ArmsNormArgs* a, const LamportParams* lamport) {
     if (a->stats) chunk.stats = a->stats + start * groups * a->num_segments;
     const int grid = grid_for(tokens * groups, plan);  // kernel rows: every group of every token
     chunk.prewait_prefetch = prewait_prefetch_for(plan, a->dtype, tokens * groups, grid) ? 1 : 0;
-#if defined(ARMS_HAS_BULK_COPY)
-    if (plan.ring) {
-      ARMS_RT(platform::launch_with_shared(plan.fn, grid, plan.block, plan.shared_bytes, stream, plan.pdl, chunk),
-              "launching the ring kernel");
-      continue;
-    }
-#endif
     ARMS_RT(platform::launch(plan.fn, grid, plan.block, stream, plan.pdl, chunk), "launching the norm kernel");
   }
   return ARMS_OK;

@@ -99,75 +99,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
-// Bulk (TMA) copies into shared memory, completed through an mbarrier (sm_90): the ring kernel
-// stages whole rows in shared memory with one instruction per segment, so a block keeps many rows
-// in flight without registers. ARMS_HAS_BULK_COPY says whether this vendor has them at all; the host
-// checks device_supports_bulk_copy() before launching a kernel that uses them. On an older
-// architecture's device pass the functions trap: the launcher never sends such a launch there.
-#define ARMS_HAS_BULK_COPY 1
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define ARMS_BULK_COPY_DEVICE 1
-#endif
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// One mbarrier counting `arrivals` arrivals per phase; then make it visible to the copy engine.
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
-#if defined(ARMS_BULK_COPY_DEVICE)
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
-#else
-  (void)bar, (void)arrivals;
-  __trap();
-#endif
-}
-__device__ __forceinline__ void mbarrier_init_fence() {
-#if defined(ARMS_BULK_COPY_DEVICE)
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-// Arrive on `bar` and tell it `bytes` more will land through bulk copies before its phase completes.
-__device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint64_t* bar, uint32_t bytes) {
-#if defined(ARMS_BULK_COPY_DEVICE)
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
-               : "memory");
-#else
-  (void)bar, (void)bytes;
-  __trap();
-#endif
-}
-// Wait until the phase of parity `parity` of `bar` has completed (its bytes have landed).
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-#if defined(ARMS_BULK_COPY_DEVICE)
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n"
-      "}\n" ::"r"(shared_address(bar)),
-      "r"(parity)
-      : "memory");
-#else
-  (void)bar, (void)parity;
-  __trap();
-#endif
-}
-// Copy `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared memory,
-// counted on `bar`. Called after a barrier that every reader of the old contents has passed; the
-// proxy fence orders those reads (generic proxy) before the copy engine's writes (async proxy).
-__device__ __forceinline__ void bulk_load_to_shared(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#if defined(ARMS_BULK_COPY_DEVICE)
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   shared_address(dst)),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(shared_address(bar))
-               : "memory");
-#else
-  (void)dst, (void)src, (void)bytes, (void)bar;
-  __trap();
-#endif
-}
-
 // float -> bf16 (round to nearest even) in one cvt instruction on sm_80+. ncu showed the norm
 // kernel issue-limited at large T; the portable bit-twiddling version in platform.h costs ~6
 // integer instructions per element. NaN stays NaN (canonical 0x7fff instead of a quieted copy).
@@ -191,18 +122,13 @@ inline bool device_supports_pdl(int device) {
   return major >= 9;
 }
 
-// True when kernels on this device may use the bulk copies above (sm_90+).
-inline bool device_supports_bulk_copy(int device) { return device_supports_pdl(device); }
-
-// One kernel launch; shared_bytes of dynamic shared memory (the kernel's attribute must allow
-// more than 48 KiB: allow_shared_bytes).
 template <class... KernelArgs, class... Args>
-inline Error launch_with_shared(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, size_t shared_bytes,
-                                Stream stream, bool pdl, Args&&... args) {
+inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool pdl,
+                    Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(block);
-  config.dynamicSmemBytes = shared_bytes;
+  config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -210,17 +136,6 @@ inline Error launch_with_shared(void (*kernel)(KernelArgs...), unsigned grid, un
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-template <class... KernelArgs, class... Args>
-inline Error launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, Stream stream, bool pdl,
-                    Args&&... args) {
-  return launch_with_shared(kernel, grid, block, 0, stream, pdl, std::forward<Args>(args)...);
-}
-
-// Let `kernel` use up to `bytes` of dynamic shared memory per block.
-template <class... KernelArgs>
-inline Error allow_shared_bytes(void (*kernel)(KernelArgs...), int bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 }  // namespace platform

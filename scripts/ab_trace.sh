@@ -8,9 +8,7 @@
 #                                                           needs carry: [".whl", "ab-old-src.tar"])
 #
 # A variant named old* runs the reference build; any other runs this tree's, with -pN in its name
-# setting ALLREDUCE_RMS_PREWAIT_PREFETCH=N (0 off, 2 on every launch), e.g. "new", "new-p2", and -rSHAPE
-# setting ALLREDUCE_RMS_RING=SHAPE with dots for commas ("new-r0": ring kernel off; "new-r8.2.16.2":
-# 8 warps, 2 blocks per SM, 16 row buffers, lag 2; see norm_launch.cu ring_plan). TESTS="tests/test_fused_gpu.py"
+# setting ALLREDUCE_RMS_PREWAIT_PREFETCH=N (0 off, 2 on every launch), e.g. "new", "new-p2". TESTS="tests/test_fused_gpu.py"
 # also runs those GPU tests on this tree's build afterwards; TRACE_ALL_BLOCKS=ON makes this tree's
 # build a trace build (gpu_run.sh). Writes trace-<variant>.json and logs.tgz to $OUT.
 # (history/trace-H200-tp2-epoch-cells-ab.json and trace-H200-tp2-tail-claims-ab.json came from
@@ -20,7 +18,7 @@ OUT=${OUT:-$PWD/gpu-run-out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site
 STAGES="build" bash scripts/gpu_run.sh > "$OUT/run.log" 2>&1 || { tail -30 "$OUT/run.log"; exit 1; }
-if [[ " ${VARIANTS:-old new}" == *" old"* ]] && [ ! -d /tmp/site-old ]; then
+if [ ! -d /tmp/site-old ]; then
   mkdir -p /tmp/old && tar -xf ab-old-src.tar -C /tmp/old
   (cd /tmp/old && python3 -m pip install -q --no-build-isolation --no-deps --no-index --target /tmp/site-old . \
      -Ccmake.define.ALLREDUCE_RMS_CUDA_ARCHS=90a) >> "$OUT/run.log" 2>&1 || { echo "reference build failed"; tail -30 "$OUT/run.log"; exit 1; }
@@ -31,13 +29,11 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 for v in ${VARIANTS:-old new}; do
   path=/tmp/site
   prefetch=1
-  ring=1
   case $v in old*) path=/tmp/site-old:/tmp/site;; esac
-  [[ $v =~ ^(old|new)[0-9]*(-p[012])?(-r[0-9.]+)?$ ]] || { echo "variant $v: expected old*, new*, new*-pN or new*-rSHAPE"; exit 2; }
+  [[ $v =~ ^(old|new)[0-9]*(-p[012])?$ ]] || { echo "variant $v: expected old*, new* or new*-pN"; exit 2; }
   [[ $v =~ -p([0-9]) ]] && prefetch=${BASH_REMATCH[1]}
-  [[ $v =~ -r([0-9.]+) ]] && ring=${BASH_REMATCH[1]//./,}
   echo "== $v $(date +%T)"
-  PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch ALLREDUCE_RMS_RING=$ring timeout 170 \
+  PYTHONPATH=$path ALLREDUCE_RMS_PREWAIT_PREFETCH=$prefetch timeout 170 \
     python3 "$repo/benchmarks/trace_kernel.py" --json "$OUT/trace-$v.json" ${TRACE_ARGS:-} 2>&1 \
     | grep -E "^T=|Error|error" | sed -E 's/, plan.*phases / /' | cut -c1-300
 done
