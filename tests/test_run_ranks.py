@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -98,6 +99,55 @@ def test_messages_reach_the_parent_in_order():
     seen = []
     run_ranks(_messages_worker, 2, timeout=120, on_message=lambda rank, msg: seen.append((rank, msg)))
     assert seen == [(0, ("step", i)) for i in range(5)]
+
+
+class _TakenPorts:
+    """free_port() that hands out `taken` ports held by a listening socket (as if another process
+    had bound them after the harness chose them), then free ones."""
+
+    def __init__(self, taken: int) -> None:
+        self.blockers = []
+        for _ in range(taken):
+            s = socket.socket()
+            s.bind(("", 0))  # every address, so the store's bind on any of them fails
+            s.listen()
+            self.blockers.append(s)
+        self.handed = []
+
+    def __call__(self) -> int:
+        port = self.blockers[len(self.handed)].getsockname()[1] if len(self.handed) < len(self.blockers) \
+            else _real_free_port()
+        self.handed.append(port)
+        return port
+
+    def close(self) -> None:
+        for s in self.blockers:
+            s.close()
+
+
+_real_free_port = launch.free_port
+
+
+def test_a_taken_rendezvous_port_starts_the_run_again_on_another(monkeypatch):
+    ports = _TakenPorts(taken=1)
+    monkeypatch.setattr(launch, "free_port", ports)
+    try:
+        results = run_ranks(_ok_worker, 2)
+    finally:
+        ports.close()
+    assert [r["sum"] for r in results] == [3.0, 3.0]
+    assert len(ports.handed) == 2 and ports.handed[0] != ports.handed[1], ports.handed
+
+
+def test_a_port_taken_every_time_fails_with_the_reason(monkeypatch):
+    ports = _TakenPorts(taken=launch.RENDEZVOUS_ATTEMPTS)
+    monkeypatch.setattr(launch, "free_port", ports)
+    try:
+        with pytest.raises(RanksFailed, match="rendezvous port was taken"):
+            run_ranks(_ok_worker, 2, timeout=60)
+    finally:
+        ports.close()
+    assert len(ports.handed) == launch.RENDEZVOUS_ATTEMPTS
 
 
 def test_send_outside_a_rank_raises():

@@ -154,7 +154,13 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, backend: str, por
             torch.cuda.set_device(rank)
             if bind_device:  # eager communicator on this GPU (device-bound barriers, symm_mem)
                 kwargs["device_id"] = torch.device("cuda", rank)
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+        try:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+        except Exception as exc:
+            if _port_taken(exc):  # the parent starts the run again on another port
+                q.put((rank, "port_taken", str(exc)))
+                _flush_and_exit(q, 1)
+            raise
         initialized = True
         payload = fn(rank, world_size, *args)
         pickle.dumps(payload)  # fail here, with a traceback, rather than silently in the feeder thread
@@ -188,7 +194,22 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, backend: str, por
     # exit_mode == "interpreter": return; the interpreter exits normally (atexit, destructors)
 
 
+def _port_taken(exc: BaseException) -> bool:
+    """Did init_process_group fail because the rendezvous port was taken between free_port() and
+    rank 0's bind (another process got it in that moment)?"""
+    text = str(exc).lower()
+    return "eaddrinuse" in text or "address already in use" in text
+
+
 # ----------------------------------------------------------------------------- the parent
+class _PortTaken(Exception):
+    """A rank found the rendezvous port taken: the run is started again on another port."""
+
+
+# Runs started on a fresh port after a rank found the rendezvous port taken (see _port_taken).
+RENDEZVOUS_ATTEMPTS = 3
+
+
 def _how_it_ended(exitcode: Optional[int]) -> str:
     if exitcode is None:
         return "is still running"
@@ -249,15 +270,18 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
             :func:`send` of a rank, in order, while the parent waits.
         bind_device: with nccl, bind the communicator to the rank's GPU (``device_id``).
 
+    The rendezvous port comes from :func:`free_port`, which another process can take before rank
+    0 binds it; a rank that finds it taken makes the run start again on a new port (no rank has
+    called `fn` by then), up to ``RENDEZVOUS_ATTEMPTS`` runs.
+
     Raises:
         RanksFailed: a rank raised (its traceback is in the message), exited or was killed
             without reporting, did not report within `timeout`, or, when every rank succeeded,
             then exited with a nonzero code or did not exit within `exit_timeout`.
+            Also when the rendezvous port was taken in every one of ``RENDEZVOUS_ATTEMPTS`` runs.
         ValueError: `world_size` < 1, an unknown backend, or `env` of the wrong length.
         KeyboardInterrupt: re-raised after every rank was stopped.
     """
-    import torch.multiprocessing as mp
-
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     if backend not in ("gloo", "nccl"):
@@ -269,6 +293,22 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
         if len(envs) != world_size:
             raise ValueError(f"env: {len(envs)} mappings for {world_size} ranks")
     exit_mode = {None: "quick", False: "interpreter", True: "hard"}[exit_hard]
+    for attempt in range(RENDEZVOUS_ATTEMPTS):
+        try:
+            return _run_once(fn, world_size, args, backend, timeout, envs, exit_mode, exit_timeout, on_message,
+                             bind_device)
+        except _PortTaken as taken:
+            if attempt + 1 == RENDEZVOUS_ATTEMPTS:
+                raise RanksFailed([f"the rendezvous port was taken {RENDEZVOUS_ATTEMPTS} times in a row: {taken}"])
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, backend: str, timeout: float,
+              envs: List[Dict[str, str]], exit_mode: str, exit_timeout: float,
+              on_message: Optional[Callable[[int, Any], None]], bind_device: bool) -> List[Any]:
+    """One run of run_ranks on a fresh port. Raises _PortTaken when a rank found that port taken
+    (every rank is stopped first; no rank has called fn then, since rank 0 never got the port)."""
+    import torch.multiprocessing as mp
 
     q = mp.get_context("spawn").Queue()
     port = free_port()
@@ -308,6 +348,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
                         stop_at = stop_at or now + FAILURE_GRACE
                 continue
             rank, kind = item[0], item[1]
+            if kind == "port_taken":
+                raise _PortTaken(f"rank {rank}: {item[2]}")
             if kind == "message":
                 if on_message is not None:
                     on_message(rank, item[2])
