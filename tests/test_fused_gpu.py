@@ -7,6 +7,7 @@ its output with the float64 reference of the full row (tests/numerics.py states 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -50,6 +51,12 @@ def _problem(seed, tokens, q_full, k_full, dtype, world, rank, device):
     q_ref = reference([cols(q_all, qs, r) for r in range(world)], [cols(qw_all, qs, r) for r in range(world)], 1e-6)[rank]
     k_ref = reference([cols(k_all, ks, r) for r in range(world)], [cols(kw_all, ks, r) for r in range(world)], 1e-6)[rank]
     return qkv, cols(qw_all, qs, rank).to(device), cols(kw_all, ks, rank).to(device), qs, ks, q_ref, k_ref
+
+
+def _assert_eager_and_graph_within_tol(r):
+    """r from a worker that used _eager_then_graphed: every eager and graphed run within r["tol"]."""
+    assert max(r["eager"]) <= r["tol"], r
+    assert max(r["graph"]) <= r["tol"], r
 
 
 def _eager_then_graphed(dev, run_all, worst, eager_runs, replays):
@@ -209,8 +216,7 @@ def _changing_tokens_worker(rank, world):
 
 def test_token_count_changes_from_call_to_call():
     for r in run_ranks(_changing_tokens_worker, WORLD, backend="nccl", timeout=300):
-        assert max(r["eager"]) <= r["tol"], r
-        assert max(r["graph"]) <= r["tol"], r
+        _assert_eager_and_graph_within_tol(r)
 
 
 def _back_to_back_worker(rank, world):
@@ -291,8 +297,7 @@ def _epoch_readers_worker(rank, world):
 
 def test_epoch_read_per_warp_and_per_block_alternate_safely():
     for r in run_ranks(_epoch_readers_worker, WORLD, backend="nccl", timeout=300):
-        assert max(r["eager"]) <= r["tol"], r
-        assert max(r["graph"]) <= r["tol"], r
+        _assert_eager_and_graph_within_tol(r)
 
 
 def test_back_to_back_calls_do_not_hang():
@@ -316,9 +321,10 @@ def _chained_in_place_worker(rank, world):
     grid = fused_plan(*probe[:5], ws)["grid"]
     # No pre-wait prefetch where every block has one row and there are more than 4 rows per SM
     # (norm_launch.cu's prewait_prefetch_for): 1000 rows on 1000 blocks; 200 rows keep it.
-    rule = {t: fused_plan(*_problem(900 + t, t, 6144, 1024, torch.bfloat16, world, rank, dev)[:5], ws)
-            for t in (200, 1000)}
-    rule = {t: (p["grid"], p["prewait_prefetch_rows"]) for t, p in rule.items()}
+    rule = {}
+    for t in (200, 1000):
+        p = fused_plan(*_problem(900 + t, t, 6144, 1024, torch.bfloat16, world, rank, dev)[:5], ws)
+        rule[t] = (p["grid"], p["prewait_prefetch_rows"])
     # one row per block, about two, several (4096 is at least two per block), and two chunks
     for tokens in (1, 2 * grid - 1, 4096, 4099):
         qkv0, qw, kw, qs, ks, _, _ = _problem(900 + tokens, tokens, 6144, 1024, torch.bfloat16, world, rank, dev)
@@ -399,8 +405,9 @@ def _peer_skips_worker(rank, world):
 
 def test_peer_that_skips_a_call_raises_timeout_not_hang():
     r0 = run_ranks(_peer_skips_worker, WORLD, backend="nccl", timeout=120)[0]
-    assert r0["message"] is not None and "qk_norm" in r0["message"] and "rank 0" in r0["message"], r0
-    assert "rank 1" in r0["message"] or "rank" in r0["message"]
+    assert r0["message"] is not None and "qk_norm on rank 0" in r0["message"], r0
+    # the peer waited for is one of the ranks that skipped the call
+    assert re.search(r"waiting for rank [1-9]\b", r0["message"]), r0
     assert r0["elapsed"] < 10, r0
     assert r0["all_nan"] and r0["refused"], r0
 
@@ -731,8 +738,7 @@ def _wide_and_fast_mixed_worker(rank, world):
 
 def test_wide_row_and_fast_launches_back_to_back_eager_and_graphed():
     for r in run_ranks(_wide_and_fast_mixed_worker, WORLD, backend="nccl", timeout=300):
-        assert max(r["eager"]) <= r["tol"], r
-        assert max(r["graph"]) <= r["tol"], r
+        _assert_eager_and_graph_within_tol(r)
 
 
 def _wide_peer_skips_worker(rank, world):
