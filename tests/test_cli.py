@@ -48,6 +48,7 @@ def test_quick_cpu_run_passes_and_writes_json(quick_run):
     assert results["card"] == "cpu" and results["tp"] == 2 and results["dtype"] == "bf16"
     assert results["timing"] == "eager" and results["backend"] == "gloo" and results["launcher"] == "spawn"
     assert results["schema"] == 2 and results["hosts"] == 1
+    assert results["build"] is None  # the GPU backend's build note: a CPU run uses none
     assert results["torch"] and results["copy_bandwidth_GBps"] > 0
     assert results["copy_bandwidth_GBps_p20"] <= results["copy_bandwidth_GBps"] <= results["copy_bandwidth_GBps_p80"]
     assert results["methods"] == ["fallback", "unfused_eager", "roofline"]

@@ -31,6 +31,8 @@ Results (rank 0's return value; the CLI writes it with ``--json``)::
 
     {"schema": 2, "card": "NVIDIA H200" | "cpu", "tp": 2, "device": "cuda" | "cpu",
      "backend": "nccl" | "gloo", "torch": "2.11.0+cu130", "cuda": ..., "hip": ..., "dtype": "bf16",
+     "build": "built with nvcc 13.0 for architectures 90a" | None,  # the GPU backend's build note (a
+                                           # trace build says so: its calls carry the stamps' cost)
      "timing": "graph" | "eager",          # which column the tables and targets use
      "copy_bandwidth_GBps": 4100.0,        # (bytes read + written) / time of a large copy
      "copy_bandwidth_GBps_p20": ..., "copy_bandwidth_GBps_p80": ...,
@@ -974,6 +976,8 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: Optional[Progres
     if rank != 0:
         return None
 
+    from . import _native
+
     results: Dict[str, Any] = {
         "schema": 2,
         "card": torch.cuda.get_device_name(device) if ctx.cuda else "cpu",
@@ -984,6 +988,8 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: Optional[Progres
         "cuda": getattr(torch.version, "cuda", None),
         "hip": getattr(torch.version, "hip", None),
         "allreduce_rms": package_version(),
+        # how the backend was built (a trace build's every block stamps the trace: slower calls)
+        "build": _native.build_note("hip" if torch.version.hip else "cuda") if ctx.cuda else None,
         "hosts": hosts,
         "python": sys.version.split()[0],
         "dtype": cfg.dtype,
