@@ -150,6 +150,25 @@ def test_a_port_taken_every_time_fails_with_the_reason(monkeypatch):
     assert len(ports.handed) == launch.RENDEZVOUS_ATTEMPTS
 
 
+def _address_in_use_worker(rank, world):
+    import errno
+
+    raise OSError(errno.EADDRINUSE, "Address already in use (raised by fn, not by the rendezvous)")
+
+
+def test_address_in_use_raised_by_fn_fails_the_run_without_a_retry(monkeypatch):
+    handed = []
+
+    def counting_free_port():
+        handed.append(_real_free_port())
+        return handed[-1]
+
+    monkeypatch.setattr(launch, "free_port", counting_free_port)
+    with pytest.raises(RanksFailed, match="raised by fn") as info:
+        run_ranks(_address_in_use_worker, 2, timeout=60)
+    assert len(info.value.failures) == 2 and len(handed) == 1, (info.value.failures, handed)
+
+
 def test_send_outside_a_rank_raises():
     with pytest.raises(RuntimeError, match="not a rank started by run_ranks"):
         launch.send("hello")

@@ -157,7 +157,9 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, backend: str, por
         try:
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
         except Exception as exc:
-            if _port_taken(exc):  # the parent starts the run again on another port
+            # only rank 0 binds the rendezvous port (the store's server): another rank's EADDRINUSE
+            # is some other socket's, and rank 0 may be in fn by then
+            if rank == 0 and _port_taken(exc):  # the parent starts the run again on another port
                 q.put((rank, "port_taken", str(exc)))
                 _flush_and_exit(q, 1)
             raise
@@ -271,8 +273,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
         bind_device: with nccl, bind the communicator to the rank's GPU (``device_id``).
 
     The rendezvous port comes from :func:`free_port`, which another process can take before rank
-    0 binds it; a rank that finds it taken makes the run start again on a new port (no rank has
-    called `fn` by then), up to ``RENDEZVOUS_ATTEMPTS`` runs.
+    0 binds it; when rank 0 finds it taken, the run starts again on a new port (no rank has called
+    `fn` by then, unless what holds the port is another job's rendezvous store), up to
+    ``RENDEZVOUS_ATTEMPTS`` runs.
 
     Raises:
         RanksFailed: a rank raised (its traceback is in the message), exited or was killed
