@@ -378,6 +378,13 @@ def test_targets_met_missed_and_not_measured():
     assert ratio["fused_over_roofline"] == pytest.approx(300.0)
 
 
+def test_a_value_that_rounds_to_its_limit_prints_one_more_decimal():
+    results = bench.finalize(_synthetic({64: 3.8004, 16384: 70.623}, {16384: 56.2835}))
+    status = {t["name"]: t for t in results["targets"]["rows"]}
+    assert status["T=64"]["text"] == "missed: 3.800 µs > 3.8 µs"
+    assert status["T=16384"]["text"] == "missed: 1.255x roofline (70.6 µs) > 1.25x roofline"
+
+
 def test_targets_note_another_setup():
     results = _synthetic({1: 3.0}, {})
     results["tp"] = 4
@@ -615,8 +622,11 @@ def test_ctrl_c_at_a_terminal_stops_every_rank(tmp_path):
     env[marker.split("=")[0]] = marker.split("=")[1]
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "wb") as err:
+        # SIGINT back to its default in the child even when pytest was started with it ignored
+        # (nohup, `&`): an ignored signal stays ignored across exec, and Python keeps it so
         proc = subprocess.Popen([sys.executable, "-m", "allreduce_rms", "--cpu", "--json", str(tmp_path / "r.json")],
-                                stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while "check fallback" not in err_path.read_text(errors="replace"):  # the ranks are at work

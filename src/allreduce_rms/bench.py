@@ -874,15 +874,16 @@ def describe_target(entry: Dict[str, Any]) -> str:
     limit = entry["limit"]
     if entry["unit"] == "x floor":  # a host target (allreduce_rms.host_bench)
         return str(entry["text"])
+    measured = entry["measured"]
+    # one more decimal where two would print a miss as the limit itself (3.8004 as "3.80", 1.2548x
+    # as "1.25x")
+    digits = 3 if measured is not None and f"{measured:.2f}" == f"{limit:.2f}" else 2
     if entry["unit"] == "us":
         limit_text = f"{limit:g} µs"
-        measured = entry["measured"]
-        # one more decimal where two would print a miss as the limit itself (3.8004 as "3.80")
-        digits = 3 if measured is not None and f"{measured:.2f}" == f"{limit:.2f}" else 2
         value_text = f"{measured:.{digits}f} µs" if measured is not None else ""
     else:
         limit_text = f"{limit:g}x roofline"
-        value_text = f"{entry['measured']:.2f}x roofline" if entry["measured"] is not None else ""
+        value_text = f"{measured:.{digits}f}x roofline" if measured is not None else ""
         if entry.get("fused_us") is not None:
             value_text += f" ({entry['fused_us']:.1f} µs)"
     if entry["status"] == "met":
