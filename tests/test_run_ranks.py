@@ -243,8 +243,13 @@ def test_ctrl_c_in_the_parent_stops_every_rank():
         if len(pids) == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        run_ranks(_pid_then_sleep_worker, 2, timeout=120, on_message=interrupt)
+    # Python's own Ctrl-C handler even when pytest was started with SIGINT ignored (nohup, `&`)
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_ranks(_pid_then_sleep_worker, 2, timeout=120, on_message=interrupt)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     time.sleep(0.5)
     for pid in pids:  # gone: not even a zombie of ours is left
         with pytest.raises(ProcessLookupError):
