@@ -205,10 +205,10 @@ def _port_taken(exc: BaseException) -> bool:
 
 # ----------------------------------------------------------------------------- the parent
 class _PortTaken(Exception):
-    """A rank found the rendezvous port taken: the run is started again on another port."""
+    """Rank 0 found the rendezvous port taken: the run is started again on another port."""
 
 
-# Runs started on a fresh port after a rank found the rendezvous port taken (see _port_taken).
+# Runs, each on a fresh port, before a rendezvous port taken every time fails the run (_port_taken).
 RENDEZVOUS_ATTEMPTS = 3
 
 
@@ -296,20 +296,19 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
         if len(envs) != world_size:
             raise ValueError(f"env: {len(envs)} mappings for {world_size} ranks")
     exit_mode = {None: "quick", False: "interpreter", True: "hard"}[exit_hard]
-    for attempt in range(RENDEZVOUS_ATTEMPTS):
+    for _ in range(RENDEZVOUS_ATTEMPTS):
         try:
             return _run_once(fn, world_size, args, backend, timeout, envs, exit_mode, exit_timeout, on_message,
                              bind_device)
         except _PortTaken as taken:
-            if attempt + 1 == RENDEZVOUS_ATTEMPTS:
-                raise RanksFailed([f"the rendezvous port was taken {RENDEZVOUS_ATTEMPTS} times in a row: {taken}"])
-    raise AssertionError("unreachable")
+            last = taken
+    raise RanksFailed([f"the rendezvous port was taken {RENDEZVOUS_ATTEMPTS} times in a row: {last}"])
 
 
 def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, backend: str, timeout: float,
               envs: List[Dict[str, str]], exit_mode: str, exit_timeout: float,
               on_message: Optional[Callable[[int, Any], None]], bind_device: bool) -> List[Any]:
-    """One run of run_ranks on a fresh port. Raises _PortTaken when a rank found that port taken
+    """One run of run_ranks on a fresh port. Raises _PortTaken when rank 0 found that port taken
     (every rank is stopped first; no rank has called fn then, since rank 0 never got the port)."""
     import torch.multiprocessing as mp
 
