@@ -19,6 +19,13 @@ set(ARMS_BUILT_BACKENDS "")
 set(ARMS_CUDA_BUILD_NOTE "not built: configured with ALLREDUCE_RMS_CUDA=OFF")
 set(ARMS_HIP_BUILD_NOTE "not built: configured with ALLREDUCE_RMS_HIP=OFF")
 
+# A trace build says so in each backend's note. No ';' in a note: it becomes a compile
+# definition, where a ';' would split the list item.
+set(arms_trace_note "")
+if(ALLREDUCE_RMS_TRACE_ALL_BLOCKS)
+  set(arms_trace_note ", a trace build (every block stamps the trace)")
+endif()
+
 # CUDA: nvcc compiles cpp/ as is.
 if(NOT ALLREDUCE_RMS_CUDA STREQUAL "OFF")
   check_language(CUDA)
@@ -26,11 +33,7 @@ if(NOT ALLREDUCE_RMS_CUDA STREQUAL "OFF")
     include(CudaBackend)
     list(APPEND ARMS_BUILT_BACKENDS cuda)
     string(REPLACE ";" "," archs "${ALLREDUCE_RMS_CUDA_ARCHS}")
-    set(ARMS_CUDA_BUILD_NOTE "built with nvcc ${CMAKE_CUDA_COMPILER_VERSION} for architectures ${archs}")
-    # no ';' in a note: it becomes a compile definition, and a ';' would split that list item
-    if(ALLREDUCE_RMS_TRACE_ALL_BLOCKS)
-      string(APPEND ARMS_CUDA_BUILD_NOTE ", a trace build (every block stamps the trace)")
-    endif()
+    set(ARMS_CUDA_BUILD_NOTE "built with nvcc ${CMAKE_CUDA_COMPILER_VERSION} for architectures ${archs}${arms_trace_note}")
   elseif(ALLREDUCE_RMS_CUDA STREQUAL "ON")
     message(FATAL_ERROR "ALLREDUCE_RMS_CUDA=ON but no CUDA compiler was found: put nvcc on PATH or set CUDACXX")
   else()
@@ -46,10 +49,7 @@ if(NOT ALLREDUCE_RMS_HIP STREQUAL "OFF")
     include(HipBackend)
     list(APPEND ARMS_BUILT_BACKENDS hip)
     string(REPLACE ";" "," archs "${ALLREDUCE_RMS_HIP_ARCHS}")
-    set(ARMS_HIP_BUILD_NOTE "built with ${CMAKE_HIP_COMPILER_ID} ${CMAKE_HIP_COMPILER_VERSION} for architectures ${archs}")
-    if(ALLREDUCE_RMS_TRACE_ALL_BLOCKS)
-      string(APPEND ARMS_HIP_BUILD_NOTE ", a trace build (every block stamps the trace)")
-    endif()
+    set(ARMS_HIP_BUILD_NOTE "built with ${CMAKE_HIP_COMPILER_ID} ${CMAKE_HIP_COMPILER_VERSION} for architectures ${archs}${arms_trace_note}")
   elseif(ALLREDUCE_RMS_HIP STREQUAL "ON")
     message(FATAL_ERROR "ALLREDUCE_RMS_HIP=ON but no HIP compiler was found: install ROCm (hipcc) or set "
                         "CMAKE_HIP_COMPILER")
